@@ -1,0 +1,66 @@
+"""From verified rollouts to learner samples: tokenized prompts, teacher prompts and masks.
+
+Runs in the driver. Pure bookkeeping on token ids and text; the learner receives only ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from environments import Task, Verdict
+from sdpo.config import TeacherContextConfig
+from sdpo.rollout.base import Completion
+from sdpo.teacher_context import build_teacher_contexts, truncate_prompt_ids
+
+
+@dataclasses.dataclass
+class TrainSample:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]
+    teacher_prompt_ids: list[int]
+    sd_mask: int
+
+    @property
+    def num_tokens(self) -> int:
+        # What a learner forward costs: the student and the teacher sequence.
+        return len(self.prompt_ids) + len(self.teacher_prompt_ids) + 2 * len(self.response_ids)
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Chat template applied once, by us: the engine and the learner see exactly these ids."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def build_batch(
+    tasks: list[Task],
+    prompt_ids: list[list[int]],
+    groups: list[list[Completion]],
+    verdicts: list[list[Verdict]],
+    tokenizer: Any,
+    cfg: TeacherContextConfig,
+) -> tuple[list[TrainSample], dict[str, float]]:
+    samples: list[TrainSample] = []
+    with_solution = with_feedback = 0
+    for task, ids, group, group_verdicts in zip(tasks, prompt_ids, groups, verdicts):
+        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
+        contexts = build_teacher_contexts(
+            task.messages, texts, [v.reward for v in group_verdicts], [v.feedback for v in group_verdicts], cfg
+        )
+        for completion, context in zip(group, contexts):
+            teacher_ids = ids if not context.sd_mask else truncate_prompt_ids(
+                encode_chat(tokenizer, context.messages), cfg.max_teacher_prompt_tokens, cfg.teacher_truncation
+            )
+            samples.append(TrainSample(ids, completion.token_ids, completion.logprobs, teacher_ids, context.sd_mask))
+            with_solution += context.has_solution
+            with_feedback += context.has_feedback
+    n = max(1, len(samples))
+    stats = {
+        "teacher/with_solution_frac": with_solution / n,
+        "teacher/with_feedback_frac": with_feedback / n,
+        "teacher/signal_frac": sum(s.sd_mask for s in samples) / n,
+        "teacher/prompt_tokens_mean": sum(len(s.teacher_prompt_ids) for s in samples) / n,
+    }
+    return samples, stats

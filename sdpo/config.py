@@ -1,0 +1,162 @@
+"""Every setting of a run and its default, in one typed schema.
+
+A recipe (YAML) overrides these defaults; ``key.sub=value`` on the command line overrides the
+recipe. Unknown keys and wrong types are errors that name the key. Units live in the names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    # extra="forbid": a misspelt key in a recipe is an error, not a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TeacherContextConfig(Section):
+    """How each sample's teacher prompt is built from its group (SPEC section 2)."""
+
+    success_threshold: float = 0.5
+    dont_reprompt_on_self_success: bool = True
+    remove_thinking_from_demonstration: bool = True
+    include_environment_feedback: bool = True
+    environment_feedback_only_without_solution: bool = True
+    reprompt_template: str = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
+    solution_template: str = "\nCorrect solution:\n\n{successful_previous_attempt}"
+    feedback_template: str = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}"
+    max_teacher_prompt_tokens: int = Field(10240, gt=0)
+    # "left" drops the oldest tokens and so always keeps the assistant header the response is
+    # scored after; "right" (what the reference code does) can cut that header off.
+    teacher_truncation: Literal["left", "right", "error"] = "left"
+
+
+class LossConfig(Section):
+    """Per-token divergence between student and teacher (SPEC sections 3-4)."""
+
+    alpha: float = Field(0.5, ge=0.0, le=1.0)  # 0 forward KL, 1 reverse KL, between: generalized JSD
+    topk: int | None = Field(100, gt=0)  # None: full vocabulary
+    add_tail: bool = True
+    rollout_is: bool = True  # truncated importance weight for rollout/learner mismatch
+    rollout_is_cap: float = Field(2.0, gt=0.0)
+    aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+
+
+class ModelConfig(Section):
+    # "tiny-arithmetic" is the embedded default: a 0.5M-parameter Qwen2 warm-started on addition,
+    # built locally on first use and cached. Anything else is a local directory or a hub name.
+    path: str = "tiny-arithmetic"
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+
+
+class EnvironmentConfig(Section):
+    name: str = "environments.arithmetic:Arithmetic"  # "module.path:ClassName"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    train_split: str = "train"
+    eval_split: str = "test"
+    workers: int = Field(1, ge=1)
+    num_cpus_per_worker: float = Field(0.1, ge=0.0)
+    timeout_s_per_call: float = Field(60.0, gt=0.0)  # one verify() call; past it the sample scores 0
+
+
+class RolloutConfig(Section):
+    engine: Literal["auto", "vllm", "hf"] = "auto"  # auto: vLLM when importable, else HF generate
+    replicas: int = Field(1, ge=1)
+    samples_per_prompt: int = Field(8, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_response_tokens: int = Field(1024, gt=0)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    kv_cache_gib: float = Field(1.0, gt=0.0)  # vLLM-CPU KV cache (GPU engines size theirs themselves)
+    num_cpus_per_replica: float = Field(0.5, ge=0.0)
+    num_gpus_per_replica: float = Field(0.0, ge=0.0)
+    torch_threads_per_replica: int = Field(2, ge=1)
+
+
+class TeacherConfig(Section):
+    kind: Literal["ema"] = "ema"
+    # theta_T <- (1 - rate) theta_T + rate theta after each step: 1 = live policy, 0 = frozen start.
+    update_rate: float = Field(0.05, ge=0.0, le=1.0)
+
+
+class OptimizerConfig(Section):
+    lr: float = Field(1e-5, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    warmup_steps: int = Field(10, ge=0)  # linear warm-up, then constant
+
+
+class LearnerConfig(Section):
+    world_size: int = Field(2, ge=1)  # FSDP2 ranks
+    samples_per_micro_batch: int = Field(8, ge=1)  # per rank
+    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 compute, fp32 master weights and reduction
+    num_cpus_per_rank: float = Field(0.5, ge=0.0)
+    num_gpus_per_rank: float = Field(0.0, ge=0.0)
+    torch_threads_per_rank: int = Field(1, ge=1)
+
+
+class EvalConfig(Section):
+    every_steps: int = Field(0, ge=0)  # 0: only before and after training
+    max_tasks: int | None = Field(None, gt=0)  # None: the whole eval split
+    samples_per_task: int = Field(1, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    greedy: bool = True  # also report greedy (temperature 0) success
+
+
+class LoggingConfig(Section):
+    run_dir: str = "runs/{name}-{time}"
+    console_every_steps: int = Field(10, ge=1)
+    wandb: bool = False
+    wandb_project: str = "sdpo"
+    wandb_mode: Literal["online", "offline"] = "offline"
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: $RAY_ADDRESS if set (ray job submit), else a local cluster
+    num_cpus: int | None = Field(None, ge=1)  # local cluster size; None: all cores
+
+
+class Config(Section):
+    name: str = "sdpo"
+    seed: int = 0
+    steps: int = Field(100, ge=0)
+    prompts_per_step: int = Field(32, ge=1)
+    device: Literal["cpu", "cuda"] = "cpu"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    environment: EnvironmentConfig = Field(default_factory=EnvironmentConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    teacher_context: TeacherContextConfig = Field(default_factory=TeacherContextConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @property
+    def samples_per_step(self) -> int:
+        return self.prompts_per_step * self.rollout.samples_per_prompt
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Config":
+        samples, ranks = self.samples_per_step, self.learner.world_size
+        if samples % ranks:
+            raise ValueError(
+                f"prompts_per_step * rollout.samples_per_prompt = {samples} must be divisible by "
+                f"learner.world_size = {ranks} (every FSDP rank takes the same number of samples)"
+            )
+        if self.device == "cpu":
+            if self.model.attn_implementation == "flash_attention_2":
+                raise ValueError("model.attn_implementation=flash_attention_2 needs device=cuda; use sdpa or auto")
+            if self.rollout.num_gpus_per_replica or self.learner.num_gpus_per_rank:
+                raise ValueError("device=cpu but rollout.num_gpus_per_replica / learner.num_gpus_per_rank > 0")
+        else:
+            if self.learner.num_gpus_per_rank <= 0:
+                raise ValueError("device=cuda needs learner.num_gpus_per_rank > 0 (e.g. 1)")
+            if self.rollout.num_gpus_per_replica <= 0:
+                raise ValueError("device=cuda needs rollout.num_gpus_per_replica > 0 (e.g. 1)")
+        return self

@@ -1,0 +1,55 @@
+"""The learner ranks as one object for the driver: placement, rendezvous, fan-out, reduction."""
+
+from __future__ import annotations
+
+import ray
+
+from sdpo.batch import TrainSample
+from sdpo.config import Config
+from sdpo.learner.worker import LearnerWorker
+
+
+class LearnerGroup:
+    def __init__(self, cfg: Config, model_path: str):
+        self.cfg = cfg
+        actor = ray.remote(LearnerWorker)
+        opts = dict(num_cpus=cfg.learner.num_cpus_per_rank, num_gpus=cfg.learner.num_gpus_per_rank)
+        size = cfg.learner.world_size
+        self.workers = [actor.options(**opts).remote(rank, size, cfg.model_dump_json(), model_path) for rank in range(size)]
+        addr, port = ray.get(self.workers[0].rendezvous_address.remote())
+        self.num_params = ray.get([w.setup.remote(addr, port) for w in self.workers])[0]
+
+    def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
+        shards = balance(samples, len(self.workers))
+        total_tokens = sum(len(s.response_ids) for s in samples if s.sd_mask)
+        results = ray.get([w.train_step.remote(shard, len(samples), total_tokens) for w, shard in zip(self.workers, shards)])
+        tokens = sum(r["tokens"] for r in results)
+        return {
+            "learn/loss": sum(r["loss"] for r in results),
+            "learn/grad_norm": results[0]["grad_norm"],
+            "learn/skipped_step": results[0]["skipped_step"],
+            "learn/lr": results[0]["lr"],
+            "learn/rollout_logp_gap_abs": sum(r["logp_gap_abs"] for r in results) / max(1.0, tokens),
+            "learn/is_weight_mean": sum(r["is_weight"] for r in results) / max(1.0, tokens),
+            "learn/response_tokens": tokens,
+        }
+
+    def export_weights(self, directory: str, version: int) -> str:
+        paths = ray.get([w.export_weights.remote(directory, version) for w in self.workers])
+        return paths[0]
+
+    def shutdown(self) -> None:
+        ray.get([w.shutdown.remote() for w in self.workers])
+        for w in self.workers:
+            ray.kill(w)
+
+
+def balance(samples: list[TrainSample], ranks: int) -> list[list[TrainSample]]:
+    """Equal sample counts per rank (FSDP needs every rank to run the same number of forwards),
+    with token counts evened out by dealing the longest samples first in snake order."""
+    order = sorted(range(len(samples)), key=lambda i: -samples[i].num_tokens)
+    shards: list[list[TrainSample]] = [[] for _ in range(ranks)]
+    for position, index in enumerate(order):
+        lap, offset = divmod(position, ranks)
+        shards[offset if lap % 2 == 0 else ranks - 1 - offset].append(samples[index])
+    return shards

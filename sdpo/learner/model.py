@@ -1,0 +1,59 @@
+"""Building a causal LM and sharding it with FSDP2. Knows nothing about losses or environments."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from transformers import AutoModelForCausalLM
+
+
+def pick_attention(requested: str, device: str) -> str:
+    if requested != "auto":
+        return requested
+    if device == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            return "sdpa"
+    return "sdpa"  # fused flash-style CPU kernel
+
+
+def load_causal_lm(path: str, attn_implementation: str) -> torch.nn.Module:
+    # fp32 master weights; mixed precision is FSDP's job (param_dtype), not the checkpoint's.
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks: the unit FSDP2 shards and gathers one at a time."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: found no *DecoderLayer modules to shard")
+    return layers
+
+
+def shard(model: torch.nn.Module, mesh: DeviceMesh, mixed_precision: str) -> torch.nn.Module:
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def response_logits(model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Logits that predict each response token, for a micro-batch: (sum of response lengths, V).
+
+    Sequences are right-padded, so causal attention never sees the padding before a real token.
+    """
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
+    width = max(lengths)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[row, : len(p) + len(r)] = torch.tensor(p + r)
+        attention_mask[row, : len(p) + len(r)] = 1
+    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+    # Position t predicts token t+1: the response's logits start one before it.
+    return torch.cat([logits[row, len(p) - 1 : len(p) + len(r) - 1] for row, (p, r) in enumerate(zip(prompts, responses))])

@@ -1,0 +1,68 @@
+"""Where numbers go: a JSONL file in the run directory, the console, and wandb when asked."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from sdpo.config import Config
+
+
+class PhaseTimer:
+    """`with timer("generate"): ...` records seconds per phase of the current step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[f"time/{phase}_s"] = time.perf_counter() - start
+
+
+class RunLogger:
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.progress = tqdm(total=cfg.steps, desc="sdpo", unit="step", dynamic_ncols=True)
+        self.wandb = None
+        if cfg.logging.wandb:
+            import wandb
+
+            self.wandb = wandb.init(project=cfg.logging.wandb_project, name=run_dir.name, dir=str(run_dir),
+                                    mode=cfg.logging.wandb_mode, config=cfg.model_dump(mode="json"))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if "rollout/reward_mean" in metrics:
+            self.progress.update(1)
+            self.progress.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}",
+                                      success=f"{metrics['rollout/success_frac']:.3f}", refresh=False)
+            if step % self.cfg.logging.console_every_steps == 0 or step == self.cfg.steps:
+                self.say(format_step(step, metrics))
+
+    def say(self, text: str) -> None:
+        self.progress.write(text)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def format_step(step: int, m: dict[str, float]) -> str:
+    phases = " ".join(f"{k[5:-2]}={v:.2f}s" for k, v in m.items() if k.startswith("time/") and k != "time/step_s")
+    return (f"step {step:>4}  reward {m['rollout/reward_mean']:.3f}  success {m['rollout/success_frac']:.3f}  "
+            f"signal {m['teacher/signal_frac']:.2f}  loss {m['learn/loss']:.4f}  gnorm {m['learn/grad_norm']:.3f}  "
+            f"gap {m['learn/rollout_logp_gap_abs']:.1e}  {m['throughput/tokens_per_s']:.0f} tok/s  [{phases}]")
