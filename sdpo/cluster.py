@@ -58,6 +58,8 @@ def check_fits_locally(cfg: Config) -> None:
 def start_ray(cfg: Config) -> None:
     import ray
 
+    if ray.is_initialized():  # a notebook or a test that already started one
+        return
     env = {"env_vars": dict(ACTOR_ENV)}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:  # e.g. under `ray job submit`
