@@ -55,6 +55,9 @@ class RolloutEngine(abc.ABC):
     def load_weights(self, path: str) -> None:
         """Replace the weights with those in a safetensors file holding the full HF-named state dict."""
 
+    def close(self) -> None:
+        """Release the engine's resources (processes, process groups). Optional to call."""
+
 
 def vllm_available() -> bool:
     try:

@@ -156,9 +156,10 @@ class HFEngine(RolloutEngine):
         # strict: a missing or misnamed tensor must fail loudly, not leave stale weights behind.
         # A tied model's state dict may omit lm_head.weight: it is the embedding.
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        tied = {k for k in missing if k.endswith("lm_head.weight")} if self.model.config.tie_word_embeddings else set()
-        if set(missing) - tied or unexpected:
+        if self.model.config.tie_word_embeddings:
+            missing = [k for k in missing if not k.endswith("lm_head.weight")]
+        if missing or unexpected:
             raise ValueError(
-                f"weights at {path} do not match the model: missing {sorted(set(missing) - tied)}, "
+                f"weights at {path} do not match the model: missing {sorted(missing)}, "
                 f"unexpected {sorted(unexpected)}"
             )
