@@ -63,8 +63,8 @@ def start_ray(cfg: Config) -> None:
     env = {"env_vars": dict(ACTOR_ENV)}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:  # e.g. under `ray job submit`
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        ray.init(address=address, runtime_env=env, log_to_driver=cfg.logging.actor_logs)
     else:
         # address="local" never re-attaches to a stale cluster left by an earlier run.
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
-                 runtime_env=env, log_to_driver=True)
+                 runtime_env=env, log_to_driver=cfg.logging.actor_logs)

@@ -109,6 +109,7 @@ class EvalConfig(Section):
 class LoggingConfig(Section):
     run_dir: str = "runs/{name}-{time}"
     console_every_steps: int = Field(10, ge=1)
+    actor_logs: bool = False  # stream every actor's stdout/stderr (vLLM, Ray) into the console
     wandb: bool = False
     wandb_project: str = "sdpo"
     wandb_mode: Literal["online", "offline"] = "offline"

@@ -32,7 +32,7 @@ class RunLogger:
         self.cfg = cfg
         self.run_dir = run_dir
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
-        self.progress = tqdm(total=cfg.steps, desc="sdpo", unit="step", dynamic_ncols=True)
+        self.progress: tqdm | None = None  # opened at the first step, so start-up does not skew its ETA
         self.wandb = None
         if cfg.logging.wandb:
             import wandb
@@ -45,6 +45,8 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if "rollout/reward_mean" in metrics:
+            if self.progress is None:
+                self.progress = tqdm(total=self.cfg.steps, initial=step - 1, desc="sdpo", unit="step", dynamic_ncols=True)
             self.progress.update(1)
             self.progress.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}",
                                       success=f"{metrics['rollout/success_frac']:.3f}", refresh=False)
@@ -52,10 +54,11 @@ class RunLogger:
                 self.say(format_step(step, metrics))
 
     def say(self, text: str) -> None:
-        self.progress.write(text)
+        tqdm.write(text)
 
     def close(self) -> None:
-        self.progress.close()
+        if self.progress is not None:
+            self.progress.close()
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()

@@ -34,11 +34,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
-def shard(model: torch.nn.Module, mesh: DeviceMesh, mixed_precision: str) -> torch.nn.Module:
+def shard(model: torch.nn.Module, mesh: DeviceMesh, mixed_precision: str, *, no_grad: bool = False) -> torch.nn.Module:
+    """FSDP2 per decoder layer and at the root. A no-grad model (the teacher) also reshards its root
+    after forward: FSDP2 otherwise keeps root parameters gathered, waiting for a backward that
+    never comes, and the teacher would hold full copies of the embeddings between steps."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" else MixedPrecisionPolicy()
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if no_grad else None)
     return model
 
 

@@ -51,7 +51,7 @@ class LearnerWorker:
         # so its update is a local lerp on each rank's shard: no gathering.
         teacher = copy.deepcopy(student).requires_grad_(False)
         self.student = shard(student.to(self.device), mesh, self.cfg.learner.mixed_precision)
-        self.teacher = shard(teacher.to(self.device), mesh, self.cfg.learner.mixed_precision).eval()
+        self.teacher = shard(teacher.to(self.device), mesh, self.cfg.learner.mixed_precision, no_grad=True).eval()
         opt = self.cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
         warmup = max(1, opt.warmup_steps)
