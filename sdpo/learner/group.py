@@ -34,8 +34,8 @@ class LearnerGroup:
             "learn/response_tokens": tokens,
         }
 
-    def export_weights(self, directory: str, version: int) -> str:
-        paths = ray.get([w.export_weights.remote(directory, version) for w in self.workers])
+    def export_weights(self, directory: str, version: int, teacher: bool = False) -> str:
+        paths = ray.get([w.export_weights.remote(directory, version, teacher) for w in self.workers])
         return paths[0]
 
     def shutdown(self) -> None:

@@ -110,9 +110,10 @@ class LearnerWorker:
             t_local = t.to_local() if isinstance(t, DTensor) else t
             t_local.lerp_(s.to_local() if isinstance(s, DTensor) else s, rate)
 
-    def export_weights(self, directory: str, version: int) -> str | None:
-        """Full student weights for the rollout engine. Every rank joins the gather; rank 0 writes."""
-        state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    def export_weights(self, directory: str, version: int, teacher: bool = False) -> str | None:
+        """Full student (or teacher) weights as one file. Every rank joins the gather; rank 0 writes."""
+        model = self.teacher if teacher else self.student
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         path = write_weights(state, directory, version) if self.rank == 0 else None
         dist.barrier()
         return path
