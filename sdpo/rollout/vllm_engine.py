@@ -64,6 +64,11 @@ class VLLMEngine(RolloutEngine):
                 # sampling defaults from the model's generation_config must not leak in
                 generation_config="vllm",
                 worker_extension_cls=_EXTENSION,
+                # A prompt prefilled in chunks makes vLLM rewind the request's seeded generator,
+                # which CPU generators cannot do ("CPU Generator does not use offset"): prefill
+                # whole prompts only.
+                enable_chunked_prefill=False,
+                max_num_batched_tokens=max(max_model_len, 8192),
             )
         finally:
             torch.set_num_threads = set_num_threads
