@@ -1,20 +1,25 @@
 """A character-level tokenizer with a ChatML chat template, built locally (no hub).
 
 Every printable ASCII character and "\\n" is one token, so ids are deterministic and decoding gives
-back the exact text. The special tokens follow Qwen's names so code written for Qwen-style models
-(eos = ``<|im_end|>``, pad = ``<|endoftext|>``) runs unchanged on the tiny model.
+back the exact text; any other character becomes its UTF-8 bytes (one token each), so nothing is
+ever lost or mapped to ``<unk>``. The special tokens follow Qwen's names so code written for
+Qwen-style models (eos = ``<|im_end|>``, pad = ``<|endoftext|>``) runs unchanged on the tiny model.
+
+Why a byte-level BPE with no merges rather than a WordLevel vocabulary: transformers 5 loads the
+tokenizer of any directory whose config.json says ``model_type: qwen2`` as ``Qwen2Tokenizer``,
+whatever tokenizer_config.json says, and that class rebuilds its own pipeline (byte-level BPE) from
+the saved vocabulary. A WordLevel character vocabulary then silently loses every "\\n". Building the
+tokenizer as that very class makes the saved and the re-loaded tokenizer the same thing.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
 
 UNK, PAD, BOS_CHAT, EOS = "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [UNK, PAD, BOS_CHAT, EOS]  # ids 0..3
-CHARACTERS = ["\n"] + [chr(c) for c in range(32, 127)]  # ids 4..99
+SPECIAL_TOKENS = [UNK, PAD, BOS_CHAT, EOS]  # ids 0..3; byte b has id 4 + b
 
 # ChatML. `enable_thinking` is accepted by the renderer (extra kwargs become template variables) and
 # ignored: the tiny model has no thinking mode.
@@ -28,25 +33,28 @@ CHAT_TEMPLATE = (
 )
 
 
+def byte_symbols() -> list[str]:
+    """The symbol byte-level BPE uses for each byte value 0..255 (GPT-2's mapping): printable bytes
+    stand for themselves, the others (space, "\\n", control bytes, ...) are shifted to chr(256 + k)."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(shifted)) for b in range(256)]
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARACTERS)}
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    # Split into single characters ("[\s\S]" rather than ".", which would skip "\n"); special
-    # tokens are matched before this step, as added tokens.
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    # WordLevel's default decoding joins tokens with spaces; Fuse concatenates them as they are.
-    core.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=core,
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + byte_symbols())}
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],  # no merges: one token per byte, so one per ASCII character
         unk_token=UNK,
-        pad_token=PAD,
+        bos_token=None,  # as Qwen: the chat template starts with <|im_start|>
         eos_token=EOS,
+        pad_token=PAD,
         additional_special_tokens=[BOS_CHAT],
         clean_up_tokenization_spaces=False,  # it would rewrite " ," and " ." in decoded text
         model_max_length=2048,
         chat_template=CHAT_TEMPLATE,
     )
-    return tok
 
 
 def chat_ids(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> list[int]:
