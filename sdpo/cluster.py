@@ -55,16 +55,19 @@ def check_fits_locally(cfg: Config) -> None:
         )
 
 
-def start_ray(cfg: Config) -> None:
+def start_ray(cfg: Config) -> bool:
+    """Returns whether this call started Ray (and so should shut it down)."""
     import ray
 
     if ray.is_initialized():  # a notebook or a test that already started one
-        return
+        return False
     env = {"env_vars": dict(ACTOR_ENV)}
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:  # e.g. under `ray job submit`
         ray.init(address=address, runtime_env=env, log_to_driver=cfg.logging.actor_logs)
+        return True
     else:
         # address="local" never re-attaches to a stale cluster left by an earlier run.
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
                  runtime_env=env, log_to_driver=cfg.logging.actor_logs)
+    return True

@@ -30,7 +30,7 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
     run_dir = make_run_dir(cfg)
     log = RunLogger(cfg, run_dir)
 
-    start_ray(cfg)
+    started_ray = start_ray(cfg)
     rollout, envs, learners = RolloutPool(cfg, model_path), EnvPool(cfg.environment), LearnerGroup(cfg, model_path)
     log.say(f"run dir {run_dir} | rollout engine: {rollout.engine_kind} x{cfg.rollout.replicas} | "
             f"learner: {cfg.learner.world_size} FSDP2 ranks, {learners.num_params / 1e6:.2f}M params")
@@ -82,6 +82,10 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
     log.close()
     learners.shutdown()
     rollout.shutdown()
+    if started_ray:
+        import ray
+
+        ray.shutdown()
     return {"before": before, "after": after, "run_dir": str(run_dir)}
 
 

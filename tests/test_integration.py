@@ -18,6 +18,8 @@ def test_two_steps_end_to_end(tmp_path):
         "eval.max_tasks=16", "eval.every_steps=0", f"logging.run_dir={tmp_path}/run",
         # A large step, so a weight sync that did not happen would show in the log-prob gap.
         "optimizer.lr=3e-3",
+        # Feedback gives every failure a teacher signal, so the loss is never trivially zero.
+        "environment.kwargs={feedback: true}",
     ])
     result = train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
