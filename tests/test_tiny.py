@@ -71,7 +71,8 @@ def test_special_tokens(tok):
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and ids[-2] == tok.eos_token_id
     assert len(ids) == 1 + 5 + 3 + 1 + 1  # specials are single tokens
     assert tok.decode(ids, skip_special_tokens=True) == "user\n1+2\n"
-    assert tok.decode(tok.encode("é", add_special_tokens=False)) == "é"  # outside ASCII: UTF-8 bytes, lossless
+    ids = tok.encode("é€", add_special_tokens=False)  # outside ASCII: one token per UTF-8 byte, lossless
+    assert len(ids) == 2 + 3 and tok.unk_token_id not in ids and tok.decode(ids) == "é€"
     assert tok.encode("ab", add_special_tokens=True) == tok.encode("ab", add_special_tokens=False)  # no BOS
 
 
@@ -83,7 +84,12 @@ def test_chat_ids_is_a_plain_list(tok):
     assert tok.decode(ids) == text
 
 
-def test_save_load_round_trip(tok, tmp_path):
+@pytest.mark.parametrize("with_model_config", [False, True])
+def test_save_load_round_trip(tok, tmp_path, with_model_config):
+    # Next to a qwen2 config.json, as in a model directory, transformers 5 loads the tokenizer as
+    # Qwen2Tokenizer, which rebuilds its own pipeline from the vocabulary: it must come out the same.
+    if with_model_config:
+        tiny_model_config(len(tok)).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
     loaded = AutoTokenizer.from_pretrained(tmp_path)
     assert chat_ids(loaded, MESSAGES) == chat_ids(tok, MESSAGES)
@@ -92,7 +98,9 @@ def test_save_load_round_trip(tok, tmp_path):
     assert loaded.get_vocab() == tok.get_vocab()
     text = teacher_user_text("37+58", "95")
     assert loaded.decode(loaded.encode(text, add_special_tokens=False)) == text
-    assert loaded.decode(chat_ids(loaded, MESSAGES), skip_special_tokens=True) == "system\nAnswer with a number.\nuser\n37+58\nassistant\n95\nuser\n10+11\nassistant\n"
+    assert loaded.decode(chat_ids(loaded, MESSAGES), skip_special_tokens=True) == (
+        "system\nAnswer with a number.\nuser\n37+58\nassistant\n95\nuser\n10+11\nassistant\n"
+    )
 
 
 def test_model_config(tok):
