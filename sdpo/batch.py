@@ -9,6 +9,7 @@ import dataclasses
 from typing import Any
 
 from environments import Task, Verdict
+from sdpo.chat import chat_ids
 from sdpo.config import TeacherContextConfig
 from sdpo.rollout.base import Completion
 from sdpo.teacher_context import build_teacher_contexts, truncate_prompt_ids
@@ -28,12 +29,6 @@ class TrainSample:
         return len(self.prompt_ids) + len(self.teacher_prompt_ids) + 2 * len(self.response_ids)
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Chat template applied once, by us: the engine and the learner see exactly these ids."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def build_batch(
     tasks: list[Task],
     prompt_ids: list[list[int]],
@@ -51,7 +46,7 @@ def build_batch(
         )
         for completion, context in zip(group, contexts):
             teacher_ids = ids if not context.sd_mask else truncate_prompt_ids(
-                encode_chat(tokenizer, context.messages), cfg.max_teacher_prompt_tokens, cfg.teacher_truncation
+                chat_ids(tokenizer, context.messages), cfg.max_teacher_prompt_tokens, cfg.teacher_truncation
             )
             samples.append(TrainSample(ids, completion.token_ids, completion.logprobs, teacher_ids, context.sd_mask))
             with_solution += context.has_solution

@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 from environments import Task, load_environment
-from sdpo.batch import build_batch, encode_chat
+from sdpo.batch import build_batch
+from sdpo.chat import chat_ids
 from sdpo.cluster import start_ray
 from sdpo.config import Config
 from sdpo.env_pool import EnvPool
@@ -36,8 +37,8 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
             f"learner: {cfg.learner.world_size} FSDP2 ranks, {learners.num_params / 1e6:.2f}M params")
     weights_dir = default_weights_dir(run_dir.name)
 
-    def generate_and_verify(tasks: list[Task], n: int, temperature: float, seed: int):
-        prompt_ids = [encode_chat(tokenizer, t.messages) for t in tasks]
+    def generate_groups(tasks: list[Task], n: int, temperature: float, seed: int):
+        prompt_ids = [chat_ids(tokenizer, t.messages) for t in tasks]
         groups = rollout.generate(prompt_ids, n=n, temperature=temperature, top_p=cfg.rollout.top_p,
                                   max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stops, seed=seed)
         return prompt_ids, groups
@@ -46,7 +47,7 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
         results = {}
         modes = [("t", cfg.eval.temperature, cfg.eval.samples_per_task)] + ([("greedy", 0.0, 1)] if cfg.eval.greedy else [])
         for name, temperature, n in modes:
-            _, groups = generate_and_verify(eval_tasks, n, temperature, seed=10_000_019 + cfg.seed)
+            _, groups = generate_groups(eval_tasks, n, temperature, seed=10_000_019 + cfg.seed)
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
             verdicts = envs.verify([t for t in eval_tasks for _ in range(n)], texts)
             success = sum(v.reward >= cfg.teacher_context.success_threshold for v in verdicts) / len(verdicts)
@@ -61,7 +62,7 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
         tasks = sampler.next(cfg.prompts_per_step)
         n = cfg.rollout.samples_per_prompt
         with timer("generate"):
-            prompt_ids, groups = generate_and_verify(tasks, n, cfg.rollout.temperature, seed=cfg.seed * 1_000_003 + step)
+            prompt_ids, groups = generate_groups(tasks, n, cfg.rollout.temperature, seed=cfg.seed * 1_000_003 + step)
         with timer("verify"):
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
             flat = envs.verify([t for t in tasks for _ in range(n)], texts)
