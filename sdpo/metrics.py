@@ -47,9 +47,9 @@ class RunLogger:
         if "rollout/reward_mean" in metrics:
             if self.progress is None:
                 self.progress = tqdm(total=self.cfg.steps, initial=step - 1, desc="sdpo", unit="step", dynamic_ncols=True)
-            self.progress.update(1)
             self.progress.set_postfix(reward=f"{metrics['rollout/reward_mean']:.3f}",
                                       success=f"{metrics['rollout/success_frac']:.3f}", refresh=False)
+            self.progress.update(1)  # after the postfix, so the bar shows this step's numbers
             if step % self.cfg.logging.console_every_steps == 0 or step == self.cfg.steps:
                 self.say(format_step(step, metrics))
 

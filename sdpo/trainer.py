@@ -79,8 +79,8 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != cfg.steps:
             evaluate(step)
     after = evaluate(cfg.steps) if cfg.steps else before
-    log.say("held-out success  " + "  ".join(f"{k.split('/')[1]}: {before[k]:.3f} -> {after[k]:.3f}" for k in before))
     log.close()
+    log.say("held-out success  " + "  ".join(f"{k.split('/')[1]}: {before[k]:.3f} -> {after[k]:.3f}" for k in before))
     learners.shutdown()
     rollout.shutdown()
     if started_ray:
