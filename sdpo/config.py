@@ -113,6 +113,7 @@ class LoggingConfig(Section):
     wandb: bool = False
     wandb_project: str = "sdpo"
     wandb_mode: Literal["online", "offline"] = "offline"
+    tensorboard: bool = False  # event files in RUN_DIR/tensorboard; needs `pip install tensorboard`
 
 
 class RayConfig(Section):

@@ -1,4 +1,4 @@
-"""Where numbers go: a JSONL file in the run directory, the console, and wandb when asked."""
+"""Where numbers go: a JSONL file in the run directory, the console, and wandb / TensorBoard when asked."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ class RunLogger:
         self.file = open(run_dir / "metrics.jsonl", "a", buffering=1)
         self.progress: tqdm | None = None  # opened at the first step, so start-up does not skew its ETA
         self.wandb = None
+        self.tensorboard = open_tensorboard(run_dir) if cfg.logging.tensorboard else None
         if cfg.logging.wandb:
             import wandb
 
@@ -44,6 +45,9 @@ class RunLogger:
         self.file.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+        if self.tensorboard is not None:
+            for key, value in metrics.items():
+                self.tensorboard.add_scalar(key, value, global_step=step)
         if "rollout/reward_mean" in metrics:
             if self.progress is None:
                 self.progress = tqdm(total=self.cfg.steps, initial=step - 1, desc="sdpo", unit="step", dynamic_ncols=True)
@@ -62,6 +66,27 @@ class RunLogger:
         self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def require_tensorboard() -> None:
+    """torch.utils.tensorboard imports the optional `tensorboard` package only when a writer is made:
+    check at start-up, not after the cluster is up."""
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        raise ValueError("logging.tensorboard=true needs the tensorboard package: `pip install tensorboard` "
+                         "(or set logging.tensorboard=false)") from None
+
+
+def open_tensorboard(run_dir: Path):
+    require_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+
+    # Event files next to metrics.jsonl: `tensorboard --logdir runs` shows every run. A short flush
+    # interval so curves appear while the run goes, not two minutes late.
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"), flush_secs=10)
 
 
 def format_step(step: int, m: dict[str, float]) -> str:

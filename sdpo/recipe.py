@@ -6,6 +6,7 @@ any actor starts.
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,19 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or a section left empty in the YAML ("eval:")
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise RecipeError(f"override {override!r}: {part!r} is a value, not a section")
         node = child
     # YAML typing, so that steps=5 is an int, loss.topk=null is None and kwargs={a: 1} is a dict.
-    node[parts[-1]] = yaml.safe_load(value) if value else ""
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise RecipeError(f"override {override!r}: the value is not valid YAML ({problem}); quote it, "
+                          "e.g. key='a: b', or close the brackets, e.g. environment.kwargs={feedback: true}") from None
 
 
 def _explain(err: ValidationError) -> str:
@@ -60,8 +68,11 @@ def _explain(err: ValidationError) -> str:
         key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
         if problem["type"] == "extra_forbidden":
             section = _section_at(problem["loc"][:-1])
-            valid = ", ".join(section.model_fields) if section else "?"
-            lines.append(f"  {key}: unknown key; valid keys here: {valid}")
+            valid = list(section.model_fields) if section else []
+            close = difflib.get_close_matches(str(problem["loc"][-1]), valid, n=1, cutoff=0.6)
+            lines.append(f"  {key}: unknown key; valid keys here: {', '.join(valid) or '?'}")
+            if close:
+                lines.append(f"    did you mean {'.'.join(map(str, problem['loc'][:-1] + (close[0],)))}?")
         elif problem["type"] == "value_error":
             lines.append(f"  {key}: {problem['msg'].removeprefix('Value error, ')}")
         else:

@@ -1,12 +1,16 @@
-"""`python -m sdpo.plot RUN_DIR`: real PNGs from a metrics.jsonl shaped like the trainer's, and clear
-errors for a directory that is not a run."""
+"""Logs and pictures: `python -m sdpo.plot RUN_DIR` makes real PNGs from a metrics.jsonl shaped like
+the trainer's and fails clearly on a directory that is not a run; TensorBoard gets every metric."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from sdpo.metrics import RunLogger
 from sdpo.plot import load_metrics, moving_average, series
+from sdpo.recipe import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -84,3 +88,21 @@ def test_partial_last_line_and_resumed_steps(tmp_path):
 def test_moving_average_is_trailing():
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_average([4.0, 2.0], 1) == [4.0, 2.0]
+
+
+def test_tensorboard_gets_every_metric(tmp_path):
+    pytest.importorskip("tensorboard", reason="logging.tensorboard needs `pip install tensorboard`")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_config(None, ["logging.tensorboard=true", "steps=2"])
+    log = RunLogger(cfg, tmp_path)
+    log.log(0, {"eval/success_t": 0.25})
+    log.log(1, {"rollout/reward_mean": 0.5, "rollout/success_frac": 0.5, "teacher/signal_frac": 0.8, "learn/loss": 0.1,
+                "learn/grad_norm": 1.0, "learn/rollout_logp_gap_abs": 0.0, "throughput/tokens_per_s": 100.0})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"eval/success_t", "rollout/reward_mean", "learn/loss"} <= set(events.Tags()["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars("learn/loss")] == [(1, pytest.approx(0.1))]
+    assert [(e.step, e.value) for e in events.Scalars("eval/success_t")] == [(0, 0.25)]
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2  # the JSONL is written all the same
