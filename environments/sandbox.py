@@ -1,0 +1,388 @@
+"""Run untrusted programs (model-written code) in a cage, one fresh process tree per run.
+
+    result = run_sandboxed(python_argv("main.py"), files={"main.py": code}, stdin=b"1 2\\n",
+                           limits=SandboxLimits(wall_s=5))
+
+Every run gets: a separate process started from a fresh interpreter, a wall-clock limit enforced by
+the caller (on expiry the whole process group is SIGKILLed), a CPU-time limit (RLIMIT_CPU), an
+address-space limit (RLIMIT_AS), a file-size limit (RLIMIT_FSIZE), a process-count limit
+(RLIMIT_NPROC), few open files (RLIMIT_NOFILE), no core dumps, a scrubbed environment (only the
+variables passed in), a fresh working directory holding only the given files, and stdout/stderr
+capped at ``output_bytes`` each (the run is killed when it writes more).
+
+Two levels, chosen automatically (``level="auto"``) and reported in every result:
+
+``namespaces`` (Linux with util-linux ``unshare``, which Debian/Ubuntu always ship, and user
+namespaces or root). What holds, beyond the list above:
+  - No network: a fresh network namespace with only a down loopback; connect() fails.
+  - No files of the machine: the program sees a minimal root built on a tmpfs -- read-only binds of
+    /usr (and /bin, /lib*, /sbin links), the Python install, /etc/ld.so.cache and four /dev nodes --
+    then ``pivot_root`` and a detached old root. The project's source, /etc/shadow, /root, /home,
+    other runs' files do not exist in it. The root is read-only; only /sandbox (the working dir) and
+    /tmp are writable, each a tmpfs capped in size (``workdir_mib``, ``tmp_mib``), so no write can
+    reach the disk.
+  - No privileges: as root, the program runs under an unprivileged uid of its own (from
+    200000 up), so RLIMIT_NPROC is enforced (the kernel exempts uid 0) and it cannot signal
+    anything outside. As a normal user, it runs as root of its own user namespace with an empty capability
+    bounding set, so it holds no capabilities after execve, and RLIMIT_NPROC counts only the
+    processes of that namespace. ``no_new_privs`` is set.
+  - Nothing outlives the run: a fresh PID namespace whose PID 1 is our launcher; when it exits or is
+    killed (``unshare --kill-child``) the kernel kills every process left in it, daemons included.
+    The program cannot see or signal processes outside; killing its parent ends its own run.
+  - The verdict channel is a pipe the program cannot reach; test expectations never enter the cage.
+  Not covered: CPU time across many forked processes is limited per process (NPROC x CPU bounds it),
+  kernel exploits, and side channels. Memory use is bounded per process by RLIMIT_AS; tmpfs pages
+  count too (bounded by the two tmpfs sizes).
+
+``rlimits`` (fallback: no ``unshare``, user namespaces disabled, or not Linux x86-64). Only the list
+in the first paragraph holds. When running as root the program still runs under an unprivileged
+uid (so /etc/shadow, /root and other 0700/0600 files are unreadable and NPROC holds), but
+world-readable files, the network and other users' processes are reachable, and a child that calls
+setsid() can escape the process-group kill. Use it for trusted code or inside a container/VM.
+A warning is logged once when the fallback is taken.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Literal
+
+log = logging.getLogger(__name__)
+
+Level = Literal["auto", "namespaces", "rlimits"]
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_launcher.py")
+FIRST_SANDBOX_UID = 200_000  # above any uid a distribution hands out
+SANDBOX_UIDS = 60_000
+
+
+class SandboxError(RuntimeError):
+    """The sandbox itself could not be set up (not the program's fault)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxLimits:
+    wall_s: float = 10.0
+    cpu_s: float = 10.0
+    memory_mib: int = 1024  # address space per process
+    file_mib: int = 16  # largest file a process may write
+    processes: int = 16  # processes (threads count too) of the sandbox's uid
+    open_files: int = 64
+    output_bytes: int = 1 << 20  # per stream (stdout, stderr); more and the run is killed
+    workdir_mib: int = 64  # tmpfs for /sandbox (namespaces level)
+    tmp_mib: int = 16  # tmpfs for /tmp (namespaces level)
+
+    def rlimits(self) -> dict[str, list[int]]:
+        cpu = max(1, math.ceil(self.cpu_s))
+        mib = 1 << 20
+        return {
+            # Soft CPU limit delivers SIGXCPU; the hard one a second later is SIGKILL.
+            "RLIMIT_CPU": [cpu, cpu + 1],
+            "RLIMIT_AS": [self.memory_mib * mib] * 2,
+            "RLIMIT_FSIZE": [self.file_mib * mib] * 2,
+            "RLIMIT_NPROC": [self.processes] * 2,
+            "RLIMIT_NOFILE": [self.open_files] * 2,
+            "RLIMIT_CORE": [0, 0],
+        }
+
+
+@dataclasses.dataclass
+class SandboxResult:
+    exit_code: int | None  # None when the program was killed by a signal or the time limit
+    signal: int | None  # the signal that ended the program (SIGXCPU: CPU limit, SIGXFSZ: file size)
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool  # wall-clock limit
+    output_limited: bool  # wrote more than output_bytes on a stream
+    wall_s: float
+    level: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0 and not (self.timed_out or self.output_limited)
+
+    @property
+    def cpu_limited(self) -> bool:
+        return self.signal in (signal.SIGXCPU, signal.SIGKILL) and not self.timed_out and not self.output_limited
+
+    def describe(self) -> str:
+        """One line on how the run ended, for feedback and logs."""
+        if self.timed_out:
+            return "time limit exceeded (wall clock)"
+        if self.output_limited:
+            return "output limit exceeded"
+        if self.signal == signal.SIGXCPU:
+            return "time limit exceeded (CPU)"
+        if self.signal == signal.SIGXFSZ:
+            return "file size limit exceeded"
+        if self.signal is not None:
+            return f"killed by signal {signal.Signals(self.signal).name}"
+        return f"exit code {self.exit_code}"
+
+
+def python_argv(script: str, *args: str) -> list[str]:
+    """argv that runs ``script`` (a file in the working directory) with this Python.
+
+    -E ignores PYTHON* variables, -s the user site, -B writes no bytecode. The interpreter's real
+    path is used because the sandbox has no PATH lookup and no virtualenv."""
+    return [os.path.realpath(sys.executable), "-E", "-s", "-B", script, *args]
+
+
+def run_sandboxed(
+    argv: list[str],
+    files: dict[str, str | bytes] | None = None,
+    stdin: bytes | str = b"",
+    limits: SandboxLimits = SandboxLimits(),
+    env: dict[str, str] | None = None,
+    level: Level = "auto",
+) -> SandboxResult:
+    """Run ``argv`` (argv[0] an absolute path) in a fresh sandbox holding ``files`` in its
+    working directory. Returns how it ended; raises SandboxError only if the cage failed."""
+    if not argv or not os.path.isabs(argv[0]):
+        raise ValueError(f"sandbox argv[0] must be an absolute path (no PATH lookup inside), got {argv[:1]}")
+    return _run_sandboxed(argv, files, stdin, limits, env, resolve_level(level))
+
+
+def _run_sandboxed(argv, files, stdin, limits, env, chosen: str) -> SandboxResult:
+    root_user = os.geteuid() == 0
+    uid = _next_uid() if root_user else None
+    if uid is not None and chosen == "rlimits" and not _others_can_run(argv[0]):
+        raise SandboxError(
+            f"sandbox level 'rlimits' runs programs as an unprivileged uid, which cannot reach {argv[0]!r} "
+            "(a directory on its path is not world-searchable); use an interpreter under /usr, or the "
+            "'namespaces' level")
+    with tempfile.TemporaryDirectory(prefix="sdpo-sandbox-") as scratch:
+        files_dir = os.path.join(scratch, "files")
+        os.mkdir(files_dir)
+        for name, content in (files or {}).items():
+            if os.path.basename(name) != name or name in (".", ".."):
+                raise ValueError(f"sandbox file names must be plain names, got {name!r}")
+            with open(os.path.join(files_dir, name), "wb") as f:
+                f.write(content.encode() if isinstance(content, str) else content)
+        if uid is not None and chosen == "rlimits":
+            os.chmod(scratch, 0o711)
+            for path in [files_dir] + [os.path.join(files_dir, n) for n in os.listdir(files_dir)]:
+                os.chown(path, uid, uid)
+        spec = {
+            "isolate": chosen == "namespaces",
+            "new_root": os.path.join(scratch, "root"),
+            "files_dir": files_dir,
+            "ro_paths": _read_only_paths(),
+            "uid": uid,
+            "drop_capabilities": chosen == "namespaces" and not root_user,
+            "argv": list(argv),
+            "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/sandbox", "LANG": "C.UTF-8", **(env or {})},
+            "rlimits": limits.rlimits(),
+            "tmp_mib": limits.tmp_mib,
+            "workdir_mib": limits.workdir_mib,
+        }
+        if spec["isolate"]:
+            os.mkdir(spec["new_root"])
+            spec["argv"], spec["env"] = _relocate(spec["argv"], spec["env"])
+        spec_path = os.path.join(scratch, "spec.json")
+        with open(spec_path, "w") as f:
+            json.dump(spec, f)
+        return _run(spec, spec_path, stdin.encode() if isinstance(stdin, str) else stdin, limits, chosen, root_user)
+
+
+def _run(spec: dict, spec_path: str, stdin: bytes, limits: SandboxLimits, level: str, root_user: bool) -> SandboxResult:
+    status_r, status_w = os.pipe()
+    launcher = [os.path.realpath(sys.executable), "-I", "-S", "-B", LAUNCHER, spec_path, str(status_w)]
+    if level == "namespaces":
+        ns = ["--fork", "--kill-child", "--pid", "--mount", "--net", "--ipc", "--uts"]
+        launcher = [_unshare_path(), *ns, *([] if root_user else ["--user", "--map-root-user"]), *launcher]
+    started = time.monotonic()
+    try:
+        proc = subprocess.Popen(launcher, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                pass_fds=(status_w,), start_new_session=True, env={"PATH": "/usr/bin:/bin"})
+    finally:
+        os.close(status_w)
+    try:
+        stdout, stderr, timed_out, output_limited = _communicate(proc, stdin, limits, started)
+    finally:
+        _kill_group(proc)
+        proc.wait()
+    wall_s = time.monotonic() - started
+    with os.fdopen(status_r, "rb") as f:
+        raw = f.read()
+    report = json.loads(raw) if raw else {}
+    if "setup_error" in report:
+        raise SandboxError(f"sandbox set-up failed ({level}): {report['setup_error']}; stderr: {stderr[-500:]!r}")
+    if level == "namespaces" and report:
+        exit_code, sig = report.get("exit"), report.get("signal")
+    else:  # rlimits: the launcher became the program; namespaces without a report: it was killed
+        rc = proc.returncode
+        exit_code, sig = (None, -rc) if rc < 0 else (rc, None)
+        if level == "namespaces":
+            exit_code, sig = None, sig or signal.SIGKILL
+    if timed_out or output_limited:
+        exit_code = None
+    return SandboxResult(exit_code, sig, stdout, stderr, timed_out, output_limited, wall_s, level)
+
+
+def _communicate(proc: subprocess.Popen, stdin: bytes, limits: SandboxLimits, started: float):
+    """Feed stdin and read both streams, up to the output cap and the wall-clock deadline."""
+    deadline = started + limits.wall_s
+    chunks: dict[int, list[bytes]] = {proc.stdout.fileno(): [], proc.stderr.fileno(): []}
+    sizes = dict.fromkeys(chunks, 0)
+    sel = selectors.DefaultSelector()
+    for stream in (proc.stdout, proc.stderr):
+        os.set_blocking(stream.fileno(), False)
+        sel.register(stream.fileno(), selectors.EVENT_READ)
+    pending = memoryview(stdin)
+    stdin_fd = proc.stdin.fileno()
+    if pending:
+        os.set_blocking(proc.stdin.fileno(), False)
+        sel.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
+    else:
+        proc.stdin.close()
+    timed_out = output_limited = False
+    open_streams = 2
+    while open_streams:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            timed_out = True
+            break
+        for key, _ in sel.select(timeout=min(remaining, 0.5)):
+            fd = key.fd
+            if fd == stdin_fd:
+                try:
+                    pending = pending[os.write(fd, pending[:65536]):]
+                except (BrokenPipeError, BlockingIOError) as err:
+                    if isinstance(err, BrokenPipeError):
+                        pending = pending[:0]
+                if not pending:
+                    sel.unregister(fd)
+                    proc.stdin.close()
+                continue
+            data = os.read(fd, 65536)
+            if not data:
+                sel.unregister(fd)
+                open_streams -= 1
+                continue
+            chunks[fd].append(data)
+            sizes[fd] += len(data)
+            if sizes[fd] > limits.output_bytes:
+                output_limited = True
+                open_streams = 0
+                break
+        if proc.poll() is not None and open_streams:
+            # The launcher is gone; in the rlimits level leftovers may still hold the pipes.
+            _kill_group(proc)
+    sel.close()
+    if not proc.stdin.closed:
+        proc.stdin.close()
+    out, err = (b"".join(chunks[s.fileno()])[: limits.output_bytes] for s in (proc.stdout, proc.stderr))
+    proc.stdout.close()
+    proc.stderr.close()
+    return out, err, timed_out, output_limited
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+_uid_counter = itertools.count()
+_uid_lock = threading.Lock()
+
+
+def _next_uid() -> int:
+    # A uid per concurrent run, so RLIMIT_NPROC counts one run's processes, not everyone's.
+    with _uid_lock:
+        n = next(_uid_counter)
+    return FIRST_SANDBOX_UID + (os.getpid() * 1009 + n) % SANDBOX_UIDS
+
+
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache")
+PYTHON_MOUNT = "/python"  # where an interpreter installed outside /usr appears (e.g. under a home)
+
+
+def _python_prefix() -> str | None:
+    """This interpreter's install prefix when /usr does not already hold it."""
+    prefix = os.path.realpath(sys.base_prefix)
+    return None if any(prefix == p or prefix.startswith(p + "/") for p in SYSTEM_PATHS) else prefix
+
+
+def _read_only_paths() -> list[list[str]]:
+    """(host path, path in the sandbox) pairs, bound read-only."""
+    pairs = [[p, p] for p in SYSTEM_PATHS if os.path.lexists(p)]
+    prefix = _python_prefix()
+    if prefix:  # bound elsewhere, so that its parent (e.g. /root) does not appear in the sandbox
+        pairs.append([prefix, PYTHON_MOUNT])
+    return pairs
+
+
+def _relocate(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    prefix = _python_prefix()
+    if not prefix or not argv[0].startswith(prefix + "/"):
+        return argv, env
+    # The interpreter finds its library by an absolute RUNPATH into the old prefix: point the loader
+    # at the new one (its standard library it finds relative to the executable).
+    return [PYTHON_MOUNT + argv[0][len(prefix):], *argv[1:]], {"LD_LIBRARY_PATH": f"{PYTHON_MOUNT}/lib", **env}
+
+
+def _others_can_run(path: str) -> bool:
+    path = os.path.realpath(path)
+    parts = [path] + [os.path.dirname(path)]
+    while parts[-1] != "/":
+        parts.append(os.path.dirname(parts[-1]))
+    return all(os.stat(p).st_mode & 0o001 for p in parts)
+
+
+def _unshare_path() -> str:
+    return shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin") or "unshare"
+
+
+_level_cache: dict[str, str] = {}
+
+
+def resolve_level(level: Level = "auto") -> str:
+    """``auto`` -> ``namespaces`` when a probe run succeeds here, else ``rlimits`` (warned once)."""
+    if level == "rlimits":
+        return level
+    if level not in ("auto", "namespaces"):
+        raise ValueError(f"sandbox level must be auto, namespaces or rlimits, got {level!r}")
+    if "probe" not in _level_cache:
+        _level_cache["probe"] = _probe_namespaces()
+    problem = _level_cache["probe"]
+    if not problem:
+        return "namespaces"
+    if level == "namespaces":
+        raise SandboxError(f"sandbox level 'namespaces' is not available here: {problem}")
+    if "warned" not in _level_cache:
+        _level_cache["warned"] = "yes"
+        log.warning("sandbox: namespaces unavailable (%s); falling back to rlimits only (no network or "
+                    "file-system isolation)", problem)
+    return "rlimits"
+
+
+def _probe_namespaces() -> str:
+    """Empty string if the namespaces level works here, else why not."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return f"needs Linux x86-64, this is {platform.system()} {platform.machine()}"
+    if not shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin"):
+        return "util-linux 'unshare' not found"
+    try:
+        result = _run_sandboxed([os.path.realpath(sys.executable), "-c", "print('ok')"], None, b"", SandboxLimits(), None,
+                                "namespaces")
+    except (SandboxError, OSError) as err:
+        return str(err)
+    if result.stdout.strip() != b"ok":
+        return f"probe run ended with {result.describe()}: {result.stderr[-300:]!r}"
+    return ""
