@@ -67,7 +67,17 @@ def divergence_per_token(
     dtype = _compute_dtype(student_logits)
     log_s = torch.log_softmax(student_logits.to(dtype), dim=-1)
     log_t = torch.log_softmax(teacher_logits.detach().to(dtype), dim=-1)
+    return divergence_from_logprobs(log_s, log_t, alpha=alpha, topk=topk, add_tail=add_tail)
 
+
+def divergence_from_logprobs(log_s: Tensor, log_t: Tensor, *, alpha: float, topk: int | None, add_tail: bool) -> Tensor:
+    """``divergence_per_token`` after the log-softmax: full-vocabulary log-probs (N, V) in, (N,) out.
+
+    Split out so that the chunked path (sdpo/chunked_loss.py) can reuse one log-softmax for the
+    divergence, the sampled-token log-prob and the entropy. ``log_t`` must already be detached.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"loss.alpha must be in [0, 1], got {alpha}")
     vocab = log_s.shape[-1]
     if topk is not None and topk < vocab:
         if topk <= 0:
@@ -90,15 +100,56 @@ def divergence_per_token(
     return (1.0 - alpha) * _kl(log_s, log_m) + alpha * _kl(log_t, log_m)
 
 
+def token_level_distillation(student_logp: Tensor, teacher_logp: Tensor, *, alpha: float) -> Tensor:
+    """SPEC section 3 token-level mode: stopgrad(logp_S(y) - logp_T(y)) * logp_S(y), (N,), (N,) -> (N,).
+
+    Inputs are the log-probs of the sampled tokens (``token_logprobs``), the student's with grad.
+    Its gradient, (logp_S - logp_T) * grad logp_S, is a one-sample REINFORCE estimate of the
+    gradient of KL(P_S || P_T) (the omitted E[grad logp_S] is zero), which is why only alpha = 1 is
+    defined. The value is not a divergence: log it, but compare gradients, not values.
+    """
+    if alpha != 1.0:
+        raise ValueError(
+            f"the token-level estimator (loss.full_logit_distillation=false) needs loss.alpha=1, got {alpha}"
+        )
+    if student_logp.shape != teacher_logp.shape:
+        raise ValueError(
+            f"student log-probs {tuple(student_logp.shape)} and teacher log-probs "
+            f"{tuple(teacher_logp.shape)} must have the same shape"
+        )
+    s = student_logp.to(_compute_dtype(student_logp))
+    t = teacher_logp.detach().to(s.dtype)
+    return (s - t).detach() * s
+
+
+def _truncated_ratio(logp: Tensor, base_logp: Tensor, cap: float) -> Tensor:
+    # The clamp keeps exp finite for tokens where the two log-probs disagree wildly.
+    dtype = torch.promote_types(_compute_dtype(logp), base_logp.dtype)
+    diff = logp.detach().to(dtype) - base_logp.detach().to(dtype)
+    return torch.clamp(torch.exp(torch.clamp(diff, -20.0, 20.0)), max=cap)
+
+
 @torch.no_grad()
 def rollout_is_weights(learner_logp: Tensor, rollout_logp: Tensor, cap: float) -> Tensor:
     """Truncated importance weights min(exp(clamp(learner - rollout, -20, 20)), cap), detached.
 
-    Corrects for the rollout engine's numerics differing from the learner's; the clamp keeps exp
-    finite for tokens where the two disagree wildly.
+    Corrects for the rollout engine's numerics differing from the learner's (SPEC section 4).
     """
-    diff = learner_logp.to(_compute_dtype(learner_logp)) - rollout_logp.to(_compute_dtype(rollout_logp))
-    return torch.clamp(torch.exp(torch.clamp(diff, -20.0, 20.0)), max=cap)
+    return _truncated_ratio(learner_logp, rollout_logp, cap)
+
+
+@torch.no_grad()
+def off_policy_is_weights(student_logp: Tensor, old_logp: Tensor, clip: float) -> Tensor:
+    """Off-policy ratio r_t = min(exp(clamp(logp_S - logp_old, -20, 20)), clip), detached.
+
+    SPEC section 4, for when several optimizer steps share one generation batch (``old_logp`` is the
+    learner's no-grad log-prob of the sampled token before the first of them; on the first step
+    r_t = 1). It is a *weight*, like the rollout IS weight, not a PPO ratio: the reference (lasgroup
+    SDPO, ``compute_self_distillation_loss``) and TRL's ``apply_importance_sampling_clipping`` both
+    detach it, so no gradient flows through r_t and it only rescales each token's divergence. Multiply
+    it into ``token_weight`` for ``aggregate``.
+    """
+    return _truncated_ratio(student_logp, old_logp, clip)
 
 
 def aggregate(
@@ -151,3 +202,144 @@ def aggregate(
         per_tok = torch.where(tok_mask != 0, tok_mask * weighted, torch.zeros_like(weighted))
         return per_tok.sum() / max(1, total_tokens)
     raise ValueError(f"loss.aggregation must be sequence_mean or token_mean, got {mode!r}")
+
+
+# ---------------------------------------------------------------- top_entropy_quantile masking
+#
+# The rule is over the whole batch (every micro-batch on every rank), yet the loss is computed one
+# micro-batch at a time, so it is split in two: one scalar threshold for the whole batch, then a
+# per-token comparison that any micro-batch can apply on its own. Learner recipe:
+#   1. no-grad pass over this rank's micro-batches: ent_mb = token_entropy(student_logits) (or
+#      chunked_loss.chunked_logp_entropy); keep them (N floats per micro-batch);
+#   2. thr = gather_entropy_threshold(torch.cat(all ent_mb of this rank), q)   # collective
+#   3. training pass: token_weight *= top_entropy_mask(ent_mb, thr) for each micro-batch.
+# Keep the entropies of step 1 rather than recomputing them in step 3, so the mask cannot flip on a
+# token whose entropy lies exactly on the threshold.
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy -sum p log p of the distribution at each position, in float32+: (..., V) -> (...)."""
+    logp = torch.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)
+    return -(torch.exp(logp) * logp).sum(-1)
+
+
+def entropy_threshold(entropies: Tensor, quantile: float) -> float:
+    """The entropy at or above which a token is in the top ``quantile`` fraction of ``entropies``.
+
+    ``entropies`` are those of every response token of the batch (1-D, no padding). The threshold
+    is the (1 - quantile) quantile with linear interpolation, as ``torch.quantile`` and TRL's
+    ``get_high_entropy_mask`` compute it (written out because ``torch.quantile`` refuses inputs
+    over 16M elements). quantile = 1 gives -inf (every token); no tokens give +inf (none).
+    """
+    if not 0.0 < quantile <= 1.0:
+        raise ValueError(f"loss.top_entropy_quantile must be in (0, 1], got {quantile}")
+    if quantile == 1.0:
+        return float("-inf")
+    values = entropies.detach().reshape(-1).double()
+    if values.numel() == 0:
+        return float("inf")
+    ordered = torch.sort(values).values
+    position = (1.0 - quantile) * (values.numel() - 1)
+    lo = math.floor(position)
+    hi = min(lo + 1, values.numel() - 1)
+    frac = position - lo
+    return float(ordered[lo] + frac * (ordered[hi] - ordered[lo]))
+
+
+def gather_entropy_threshold(local_entropies: Tensor, quantile: float, group: object = None) -> float:
+    """``entropy_threshold`` over the entropies of all ranks: a collective every rank must call.
+
+    Ranks may hold different token counts; each one's entropies are gathered whole (a few MB even
+    for large batches), so the threshold is exactly the single-process one. Without an initialized
+    process group it is ``entropy_threshold(local_entropies, quantile)``.
+    """
+    import torch.distributed as dist
+
+    if quantile == 1.0 or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return entropy_threshold(local_entropies, quantile)
+    local = local_entropies.detach().reshape(-1).float()
+    world = dist.get_world_size(group)
+    count = torch.tensor([local.numel()], dtype=torch.long, device=local.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    longest = max(int(c.item()) for c in counts)
+    padded = torch.zeros(longest, dtype=local.dtype, device=local.device)
+    padded[: local.numel()] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    gathered = torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)])
+    return entropy_threshold(gathered, quantile)
+
+
+def top_entropy_mask(entropies: Tensor, threshold: float) -> Tensor:
+    """1.0 where a token's entropy is >= the batch threshold, else 0.0: multiply into ``token_weight``."""
+    return (entropies.detach() >= threshold).to(_compute_dtype(entropies))
+
+
+# ---------------------------------------------------------------- GRPO (SPEC section 6)
+
+
+def group_advantages(rewards: Tensor, group_index: Tensor, *, normalize_std: bool, eps: float = 1e-6) -> Tensor:
+    """Group-relative advantages, one per sequence: (B,), (B,) long -> (B,).
+
+    A_i = r_i - mean_g, divided by (std_g + eps) when ``normalize_std`` (GRPO); without it this is
+    Dr.GRPO's advantage. std is the unbiased sample std, as in verl's GRPO estimator; a group of one
+    sample gets mean 0 and std 1 there too, so its advantage is its reward (std: r_i / (1 + eps)).
+    ``group_index`` says which prompt each sample belongs to; groups need not be contiguous, but
+    all of a group's samples must be in ``rewards`` (call this on the whole batch, before splitting).
+    """
+    if rewards.dim() != 1 or rewards.shape != group_index.shape:
+        raise ValueError(
+            f"group_advantages: rewards {tuple(rewards.shape)} and group_index {tuple(group_index.shape)} "
+            "must be 1-D of the same length"
+        )
+    r = rewards.to(_compute_dtype(rewards))
+    _, index = torch.unique(group_index, return_inverse=True)
+    n_groups = int(index.max().item()) + 1 if index.numel() else 0
+    count = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add(0, index, torch.ones_like(r))
+    mean = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add(0, index, r) / count
+    sq = torch.zeros(n_groups, dtype=r.dtype, device=r.device).index_add(0, index, (r - mean[index]) ** 2)
+    std = torch.sqrt(sq / torch.clamp(count - 1, min=1))
+    single = count == 1
+    mean = torch.where(single, torch.zeros_like(mean), mean)
+    std = torch.where(single, torch.ones_like(std), std)
+    centred = r - mean[index]
+    return centred / (std[index] + eps) if normalize_std else centred
+
+
+def ppo_clip_per_token(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    *,
+    eps_low: float,
+    eps_high: float,
+    dual_clip: float | None = None,
+) -> Tensor:
+    """PPO-clip loss per token: max(-A ratio, -A clamp(ratio, 1 - eps_low, 1 + eps_high)), (N,) -> (N,).
+
+    ``logp`` is the current policy's log-prob of the sampled token (with grad), ``old_logp`` the
+    one the advantages were collected under (detached here), ``advantages`` the sequence advantage
+    repeated over its tokens. eps_high > eps_low is DAPO's clip-higher. ``dual_clip`` c (> 1)
+    additionally caps the loss of negative-advantage tokens at -A c (verl's dual-clip); None: off.
+    The log-ratio is clamped to [-20, 20] before exp, like every ratio in this file.
+    """
+    if not (logp.shape == old_logp.shape == advantages.shape):
+        raise ValueError(
+            f"ppo_clip_per_token: logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and advantages "
+            f"{tuple(advantages.shape)} must have the same shape"
+        )
+    if eps_low < 0 or eps_high < 0:
+        raise ValueError(f"loss.clip_eps_low/high must be >= 0, got {eps_low}, {eps_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    dtype = _compute_dtype(logp)
+    adv = advantages.detach().to(dtype)
+    ratio = torch.exp(torch.clamp(logp.to(dtype) - old_logp.detach().to(dtype), -20.0, 20.0))
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        loss = torch.where(adv < 0, torch.minimum(loss, -adv * dual_clip), loss)
+    return loss

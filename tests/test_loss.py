@@ -1,11 +1,21 @@
-"""SPEC sections 3-4: per-token divergence, rollout IS weights, aggregation."""
+"""SPEC sections 3-4: per-token divergence, token-level estimator, IS weights, aggregation.
+
+The chunked path, the entropy quantile and GRPO have their own files (tests/test_loss_*.py).
+"""
 
 import math
 
 import pytest
 import torch
 
-from sdpo.loss import aggregate, divergence_per_token, rollout_is_weights, token_logprobs
+from sdpo.loss import (
+    aggregate,
+    divergence_per_token,
+    off_policy_is_weights,
+    rollout_is_weights,
+    token_level_distillation,
+    token_logprobs,
+)
 
 
 def kl(p, q):
@@ -86,6 +96,43 @@ def test_topk_without_tail_renormalizes():
     assert div(S4, T4, alpha=1.0, topk=2, add_tail=False) == pytest.approx(kl(s, t), abs=1e-12)
 
 
+def test_topk_without_tail_forward_kl_and_jsd():
+    s, t = [4 / 7, 3 / 7], [1 / 3, 2 / 3]
+    assert div(S4, T4, alpha=0.0, topk=2, add_tail=False) == pytest.approx(kl(t, s), abs=1e-12)
+    m = [0.75 * a + 0.25 * b for a, b in zip(s, t)]
+    assert div(S4, T4, alpha=0.25, topk=2, add_tail=False) == pytest.approx(
+        0.75 * kl(s, m) + 0.25 * kl(t, m), abs=1e-12
+    )
+
+
+def test_topk_one_with_tail_is_a_two_bucket_divergence():
+    # k = 1: the student's argmax (id 0) against "everything else".
+    s, t = [0.4, 0.6], [0.1, 0.9]
+    assert div(S4, T4, alpha=1.0, topk=1, add_tail=True) == pytest.approx(kl(s, t), abs=1e-9)
+
+
+def test_forward_kl_is_reverse_kl_with_roles_swapped():
+    # Full vocabulary only: with top-k the support is the student's, so swapping changes it.
+    assert div(PS, PT, alpha=0.0, topk=None, add_tail=True) == pytest.approx(
+        div(PT, PS, alpha=1.0, topk=None, add_tail=True), abs=1e-12
+    )
+
+
+def test_jsd_alpha_swaps_with_roles():
+    # (1-a) KL(S||M) + a KL(T||M) with M = (1-a) S + a T is symmetric under (S, a) <-> (T, 1-a).
+    for a in (0.2, 0.5, 0.7):
+        assert div(PS, PT, alpha=a, topk=None, add_tail=True) == pytest.approx(
+            div(PT, PS, alpha=1 - a, topk=None, add_tail=True), abs=1e-12
+        )
+
+
+def test_jsd_vanishes_towards_both_endpoints():
+    # The mixture collapses onto one side at either end; the endpoints' KLs do not.
+    for a in (1e-9, 1 - 1e-9):
+        assert div(PS, PT, alpha=a, topk=None, add_tail=True) < 1e-7
+    assert div(PS, PT, alpha=1.0, topk=None, add_tail=True) > 0.1
+
+
 def test_topk_support_is_students():
     # The teacher's own top-2 (ids 2, 3) must not be used.
     s, t = [0.4, 0.3, 0.3], [0.1, 0.2, 0.7]
@@ -111,6 +158,26 @@ def test_identity_is_zero(alpha, topk, tail):
     out = divergence_per_token(x, x.clone(), alpha=alpha, topk=topk, add_tail=tail)
     assert out.shape == (5,)
     assert out.abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("topk,tail", [(None, True), (3, True), (3, False)])
+def test_identity_gives_zero_gradient(alpha, topk, tail):
+    x = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    student = x.clone().requires_grad_(True)
+    divergence_per_token(student, x, alpha=alpha, topk=topk, add_tail=tail).sum().backward()
+    assert student.grad.abs().max().item() < 1e-12
+
+
+def test_topk_equal_to_vocab_matches_full_vocab_gradient():
+    g = torch.Generator().manual_seed(6)
+    s0, t = torch.randn(4, 9, dtype=torch.float64, generator=g), torch.randn(4, 9, dtype=torch.float64, generator=g)
+    grads = []
+    for topk, tail in ((None, False), (9, True), (9, False)):
+        s = s0.clone().requires_grad_(True)
+        divergence_per_token(s, t, alpha=0.5, topk=topk, add_tail=tail).sum().backward()
+        grads.append(s.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-14) and torch.allclose(grads[0], grads[2], atol=1e-14)
 
 
 def test_invalid_alpha():
@@ -222,6 +289,102 @@ def test_rollout_is_weights():
     assert w[4].item() == pytest.approx(math.exp(-20), rel=1e-6)
 
 
+# ---------------------------------------------------------------- token-level estimator
+
+
+def test_token_level_value_and_gradient_by_hand():
+    # loss = stopgrad(s - t) * s: value (s - t) s, gradient d/ds = (s - t) (not 2s - t).
+    s = torch.tensor([-1.0, -0.5, -2.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([-2.0, -0.5, -1.0], dtype=torch.float64, requires_grad=True)
+    out = token_level_distillation(s, t, alpha=1.0)
+    assert out.tolist() == pytest.approx([-1.0, 0.0, 2.0])
+    out.sum().backward()
+    assert s.grad.tolist() == pytest.approx([1.0, 0.0, -1.0])
+    assert t.grad is None  # the teacher is a constant
+
+
+def test_token_level_gradient_through_logits_matches_finite_differences_of_surrogate():
+    g = torch.Generator().manual_seed(7)
+    zs, zt = torch.randn(4, 6, dtype=torch.float64, generator=g), torch.randn(4, 6, dtype=torch.float64, generator=g)
+    ids = torch.tensor([0, 3, 5, 2])
+    teacher_logp = token_logprobs(zt, ids)
+    x = zs.clone().requires_grad_(True)
+    token_level_distillation(token_logprobs(x, ids), teacher_logp, alpha=1.0).sum().backward()
+    # The gradient equals that of c * logp_S with c = logp_S - logp_T frozen at zs: check by
+    # finite differences of that surrogate.
+    c = (token_logprobs(zs, ids) - teacher_logp).detach()
+
+    def surrogate(z):
+        return (c * token_logprobs(z, ids)).sum()
+
+    eps = 1e-6
+    numeric = torch.zeros_like(zs)
+    for i in range(zs.numel()):
+        plus, minus = zs.clone(), zs.clone()
+        plus.view(-1)[i] += eps
+        minus.view(-1)[i] -= eps
+        numeric.view(-1)[i] = (surrogate(plus) - surrogate(minus)) / (2 * eps)
+    assert torch.allclose(x.grad, numeric, atol=1e-8)
+
+
+def test_token_level_expected_gradient_is_reverse_kl_gradient():
+    # Averaged over y ~ P_S (exactly, by summing over the vocabulary), the estimator's gradient is
+    # the gradient of KL(P_S || P_T): what makes it a valid alpha = 1 objective.
+    g = torch.Generator().manual_seed(8)
+    zs, zt = torch.randn(3, 5, dtype=torch.float64, generator=g), torch.randn(3, 5, dtype=torch.float64, generator=g)
+    x = zs.clone().requires_grad_(True)
+    n, v = zs.shape
+    ids = torch.arange(v).repeat(n)  # every token at every position
+    rows = torch.arange(n).repeat_interleave(v)
+    p_s = torch.softmax(zs, -1).reshape(-1)  # P_S(y), a constant weight
+    est = token_level_distillation(token_logprobs(x[rows], ids), token_logprobs(zt[rows], ids), alpha=1.0)
+    (p_s * est).sum().backward()
+    y = zs.clone().requires_grad_(True)
+    divergence_per_token(y, zt, alpha=1.0, topk=None, add_tail=False).sum().backward()
+    assert torch.allclose(x.grad, y.grad, atol=1e-12)
+
+
+def test_token_level_needs_alpha_one():
+    s = torch.zeros(2)
+    with pytest.raises(ValueError, match="alpha=1"):
+        token_level_distillation(s, s, alpha=0.5)
+
+
+# ---------------------------------------------------------------- off-policy IS ratio
+
+
+def test_off_policy_is_weights_are_detached_clipped_ratios():
+    student = torch.tensor([0.0, math.log(1.5), math.log(3.0), -math.log(4.0), 60.0], requires_grad=True)
+    old = torch.zeros(5)
+    r = off_policy_is_weights(student, old, clip=2.0)
+    assert not r.requires_grad
+    assert r.tolist() == pytest.approx([1.0, 1.5, 2.0, 0.25, 2.0], rel=1e-6)
+    # No lower clip, and the +-20 clamp on the log-ratio.
+    r = off_policy_is_weights(torch.tensor([-60.0]), torch.zeros(1), clip=2.0)
+    assert r.item() == pytest.approx(math.exp(-20), rel=1e-6)
+
+
+def test_off_policy_weight_only_rescales_the_gradient():
+    # r_t is a weight: d(r * loss)/d student = r * d loss/d student, with no term from r itself.
+    g = torch.Generator().manual_seed(9)
+    zs, zt = torch.randn(3, 6, dtype=torch.float64, generator=g), torch.randn(3, 6, dtype=torch.float64, generator=g)
+    ids = torch.tensor([1, 2, 3])
+    old = token_logprobs(zs, ids) - torch.tensor([0.3, -0.2, 1.5], dtype=torch.float64)
+    x = zs.clone().requires_grad_(True)
+    r = off_policy_is_weights(token_logprobs(x, ids), old, clip=2.0)
+    assert r.tolist() == pytest.approx([math.exp(0.3), math.exp(-0.2), 2.0])
+    (r * divergence_per_token(x, zt, alpha=0.5, topk=None, add_tail=True)).sum().backward()
+    y = zs.clone().requires_grad_(True)
+    per_token = divergence_per_token(y, zt, alpha=0.5, topk=None, add_tail=True)
+    per_token.backward(r)
+    assert torch.allclose(x.grad, y.grad, atol=1e-14)
+
+
+def test_on_policy_ratio_is_one():
+    logp = torch.randn(6)
+    assert off_policy_is_weights(logp, logp.clone(), clip=2.0).tolist() == [1.0] * 6
+
+
 # ---------------------------------------------------------------- aggregation
 
 # Three sequences: seq 0 has 3 tokens (the last weighted 0), seq 1 is masked (sd_mask 0), seq 2 has 1.
@@ -312,3 +475,34 @@ def test_split_invariance(mode):
     else:
         ref = sum(float((l * w).sum()) for i, (l, w) in enumerate(seqs) if sd[i]) / total_tokens
     assert whole == pytest.approx(ref, abs=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["sequence_mean", "token_mean"])
+def test_split_invariance_of_gradients(mode):
+    # The gradients summed over micro-batches equal the whole batch's: what the learner relies on
+    # when it backpropagates each micro-batch's share and lets the optimizer see the sum.
+    g = torch.Generator().manual_seed(11)
+    lengths = [3, 1, 4, 2, 5, 2]
+    sd = torch.tensor([1, 1, 0, 1, 1, 1])
+    n = sum(lengths)
+    student0 = torch.randn(n, 7, dtype=torch.float64, generator=g)
+    teacher = torch.randn(n, 7, dtype=torch.float64, generator=g)
+    weight = torch.rand(n, dtype=torch.float64, generator=g)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    B = len(lengths)
+    total_tokens = sum(L for L, m in zip(lengths, sd) if m)
+
+    def grad_for(parts):
+        x = student0.clone().requires_grad_(True)
+        for members in parts:
+            rows = torch.cat([torch.arange(starts[i], starts[i] + lengths[i]) for i in members])
+            seq_index = torch.cat([torch.full((lengths[i],), k) for k, i in enumerate(members)])
+            per_token = divergence_per_token(x[rows], teacher[rows], alpha=0.5, topk=3, add_tail=True)
+            aggregate(per_token, weight[rows], seq_index, sd[members], mode=mode,
+                      total_sequences=B, total_tokens=total_tokens).backward()
+        return x.grad
+
+    whole = grad_for([list(range(B))])
+    assert whole.abs().max() > 0
+    for parts in ([[i] for i in range(B)], [[4, 0], [2, 5], [1, 3]]):
+        assert torch.allclose(grad_for(parts), whole, atol=1e-14)
