@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import inspect
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Sequence
 
 
@@ -33,7 +37,13 @@ class Verdict:
 
 
 class Environment:
-    """Subclass and override ``tasks`` and ``verify`` (``verify`` may be ``async def``)."""
+    """Subclass and override ``tasks`` and ``verify`` (``verify`` may be ``async def``).
+
+    ``max_concurrency`` is how many ``verify`` calls one verifier worker runs at once (threads, or
+    tasks of one event loop for ``async def verify``); raise it when verification waits on
+    subprocesses or the network rather than on this process's CPU."""
+
+    max_concurrency: int = 1
 
     def tasks(self, split: str) -> Sequence[Task]:
         raise NotImplementedError(f"{type(self).__name__} must implement tasks(split)")
@@ -41,17 +51,25 @@ class Environment:
     def verify(self, task: Task, completion: str) -> Verdict:
         raise NotImplementedError(f"{type(self).__name__} must implement verify(task, completion)")
 
+    def review_group(self, task: Task, completions: list[str], verdicts: list[Verdict]) -> list[Verdict]:
+        """Optional group-level hook: sees one prompt's whole group once every sample is verified and
+        returns the verdicts the teacher contexts are built from (same length, same order). Use it
+        for feedback that compares siblings ("3 of 8 attempts printed the same wrong value"), or to
+        re-score relative to the group. The default keeps the verdicts as they are."""
+        return verdicts
+
 
 def load_environment(import_path: str, kwargs: dict[str, Any] | None = None) -> Environment:
-    """Builds ``module.path:ClassName(**kwargs)``; every failure says what to fix in the recipe."""
-    module_name, sep, class_name = import_path.partition(":")
+    """Builds ``module.path:ClassName(**kwargs)`` or ``path/to/file.py:ClassName(**kwargs)`` (a file
+    anywhere, e.g. outside any package); every failure says what to fix in the recipe."""
+    module_name, sep, class_name = import_path.rpartition(":")
     if not sep or not module_name or not class_name:
         raise ValueError(
             f"environment.name={import_path!r}: expected 'module.path:ClassName', "
-            "e.g. 'environments.arithmetic:Arithmetic'"
+            "e.g. 'environments.arithmetic:Arithmetic', or 'path/to/file.py:ClassName'"
         )
     try:
-        module = importlib.import_module(module_name)
+        module = _import_file(module_name, import_path) if module_name.endswith(".py") else importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"environment.name={import_path!r}: cannot import {module_name!r}: {err}") from err
     cls = getattr(module, class_name, None)
@@ -65,3 +83,25 @@ def load_environment(import_path: str, kwargs: dict[str, Any] | None = None) -> 
     except TypeError as err:
         raise ValueError(f"environment.kwargs for {import_path!r} do not fit {class_name}: {err}") from err
     return cls(**(kwargs or {}))
+
+
+def _import_file(path: str, import_path: str) -> ModuleType:
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise ValueError(f"environment.name={import_path!r}: file {str(file)!r} does not exist")
+    # A stable module name per file, so that the same file imported twice is one module, and its
+    # directory on sys.path, so that it can import its neighbours.
+    name = f"sdpo_user_env_{abs(hash(str(file))):x}"
+    if name in sys.modules:
+        return sys.modules[name]
+    if str(file.parent) not in sys.path:
+        sys.path.insert(0, str(file.parent))
+    spec = importlib.util.spec_from_file_location(name, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module

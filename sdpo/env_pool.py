@@ -1,72 +1,217 @@
-"""Verification as a pool of Ray actors. A verifier that raises, hangs or dies scores 0 with
-feedback naming the failure; the run goes on and the failure is counted."""
+"""Verification as a pool of Ray actors (CPU). A verifier that raises, hangs or dies scores 0 with
+feedback naming the failure (``info["verifier_failure"]`` says which, and the trainer counts them
+as ``verify/failures``); the run goes on.
+
+Work goes to the workers in contiguous chunks cut at group boundaries (all samples of one prompt
+stay on one worker), so that the environment's optional ``review_group`` hook sees whole groups.
+Inside a worker up to ``Environment.max_concurrency`` calls run at once; each has its own deadline
+(``environment.timeout_s_per_call``) counted from when it starts.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import inspect
+import os
+import threading
+import time
+from typing import Any
 
 import ray
 
-from environments import Task, Verdict, load_environment
+from environments import Environment, Task, Verdict, load_environment
 from sdpo.config import EnvironmentConfig
 
 
-class EnvWorker:
-    def __init__(self, name: str, kwargs: dict):
-        self.env = load_environment(name, kwargs)
-        # One spare thread per call, so a hung verify() can be abandoned at its deadline.
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=4)
-
-    def verify(self, tasks: list[Task], completions: list[str], timeout_s: float) -> list[Verdict]:
-        return [self._verify_one(t, c, timeout_s) for t, c in zip(tasks, completions)]
-
-    def _verify_one(self, task: Task, completion: str, timeout_s: float) -> Verdict:
-        future = self.pool.submit(self._call, task, completion)
-        try:
-            verdict = future.result(timeout=timeout_s)
-        except concurrent.futures.TimeoutError:
-            return _failed(f"Verifier timed out after {timeout_s:g} s.", "timeout")
-        except Exception as err:  # the user's verifier: anything it raises becomes a score of 0
-            return _failed(f"Verifier error: {type(err).__name__}: {err}", "error")
-        if not isinstance(verdict, Verdict):
-            return _failed(f"Verifier returned {type(verdict).__name__}, expected Verdict.", "error")
-        return verdict
-
-    def _call(self, task: Task, completion: str) -> Verdict:
-        result = self.env.verify(task, completion)
-        return asyncio.run(result) if inspect.isawaitable(result) else result
-
-
-def _failed(feedback: str, kind: str) -> Verdict:
+def failed(feedback: str, kind: str) -> Verdict:
     return Verdict(reward=0.0, feedback=feedback, info={"verifier_failure": kind})
+
+
+class EnvWorker:
+    """One verifier process: builds the environment once, then verifies batches."""
+
+    def __init__(self, name: str, kwargs: dict):
+        self.env: Environment = load_environment(name, kwargs)
+        self.concurrency = max(1, int(getattr(self.env, "max_concurrency", 1)))
+
+    def verify(self, tasks: list[Task], completions: list[str], timeout_s: float,
+               group_size: int | None = None) -> list[Verdict]:
+        if inspect.iscoroutinefunction(self.env.verify):
+            verdicts = self._verify_async(tasks, completions, timeout_s)
+        else:
+            verdicts = self._verify_threads(tasks, completions, timeout_s)
+        return self._review_groups(tasks, completions, verdicts, group_size)
+
+    def _verify_threads(self, tasks: list[Task], completions: list[str], timeout_s: float) -> list[Verdict]:
+        # A thread per call (not a pool): a hung verify() is abandoned at its deadline and its thread
+        # may never return, so it must not hold a slot that later calls wait for.
+        results: list[Any] = [None] * len(tasks)
+        done = threading.Condition()
+        running: dict[int, float] = {}
+        next_index = 0
+
+        def call(i: int) -> None:
+            try:
+                outcome: Any = self.env.verify(tasks[i], completions[i])
+                if inspect.isawaitable(outcome):
+                    outcome = asyncio.run(outcome)
+            except BaseException as err:  # noqa: BLE001 -- the user's verifier: anything becomes a 0
+                outcome = err
+            with done:
+                if results[i] is None:
+                    results[i] = _checked(outcome)
+                done.notify()
+
+        with done:
+            while next_index < len(tasks) or running:
+                while next_index < len(tasks) and len(running) < self.concurrency:
+                    running[next_index] = time.monotonic()
+                    threading.Thread(target=call, args=(next_index,), daemon=True).start()
+                    next_index += 1
+                now = time.monotonic()
+                for i, started in list(running.items()):
+                    if results[i] is not None:
+                        del running[i]
+                    elif now - started >= timeout_s:
+                        results[i] = failed(f"Verifier timed out after {timeout_s:g} s.", "timeout")
+                        del running[i]
+                if running:
+                    first_deadline = min(running.values()) + timeout_s
+                    done.wait(timeout=max(0.0, first_deadline - time.monotonic()) + 1e-3)
+        return results
+
+    def _verify_async(self, tasks: list[Task], completions: list[str], timeout_s: float) -> list[Verdict]:
+        async def one(i: int, gate: asyncio.Semaphore) -> Verdict:
+            async with gate:
+                try:
+                    return _checked(await asyncio.wait_for(self.env.verify(tasks[i], completions[i]), timeout_s))
+                except asyncio.TimeoutError:
+                    return failed(f"Verifier timed out after {timeout_s:g} s.", "timeout")
+                except Exception as err:  # noqa: BLE001
+                    return _checked(err)
+
+        async def all_of_them() -> list[Verdict]:
+            gate = asyncio.Semaphore(self.concurrency)
+            return list(await asyncio.gather(*(one(i, gate) for i in range(len(tasks)))))
+
+        return asyncio.run(all_of_them())
+
+    def _review_groups(self, tasks: list[Task], completions: list[str], verdicts: list[Verdict],
+                       group_size: int | None) -> list[Verdict]:
+        if type(self.env).review_group is Environment.review_group:
+            return verdicts
+        out: list[Verdict] = []
+        for a, b in group_bounds(tasks, group_size):
+            group = verdicts[a:b]
+            try:
+                reviewed = self.env.review_group(tasks[a], completions[a:b], group)
+                if len(reviewed) != b - a or not all(isinstance(v, Verdict) for v in reviewed):
+                    raise TypeError(f"review_group must return {b - a} Verdicts, got {reviewed!r:.200}")
+            except Exception as err:  # noqa: BLE001 -- keep the per-sample verdicts, flag the failure
+                reviewed = [dataclass_replace_info(v, "group_hook", f"{type(err).__name__}: {err}") for v in group]
+            out += reviewed
+        return out
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _checked(outcome: Any) -> Verdict:
+    if isinstance(outcome, Verdict):
+        return outcome
+    if isinstance(outcome, BaseException):
+        return failed(f"Verifier error: {type(outcome).__name__}: {outcome}", "error")
+    return failed(f"Verifier returned {type(outcome).__name__}, expected Verdict.", "error")
+
+
+def dataclass_replace_info(verdict: Verdict, kind: str, message: str) -> Verdict:
+    return Verdict(reward=verdict.reward, feedback=verdict.feedback,
+                   info={**verdict.info, "verifier_failure": kind, "verifier_error": message})
+
+
+def group_bounds(tasks: list[Task], group_size: int | None = None) -> list[tuple[int, int]]:
+    """[start, end) of each group: fixed ``group_size`` when given, else each run of consecutive
+    samples of the same task (one prompt's group)."""
+    if group_size:
+        if len(tasks) % group_size:
+            raise ValueError(f"verify: {len(tasks)} samples do not split into groups of {group_size}")
+        return [(a, a + group_size) for a in range(0, len(tasks), group_size)]
+    bounds, start = [], 0
+    for i in range(1, len(tasks) + 1):
+        if i == len(tasks) or tasks[i] is not tasks[start] and tasks[i].id != tasks[start].id:
+            bounds.append((start, i))
+            start = i
+    return bounds
+
+
+def chunks_at_groups(tasks: list[Task], parts: int, group_size: int | None = None) -> list[tuple[int, int]]:
+    """Split into at most ``parts`` contiguous chunks of about equal size, cutting only between groups."""
+    groups = group_bounds(tasks, group_size)
+    if not groups:
+        return []
+    target = len(tasks) / min(parts, len(groups))
+    chunks, start = [], 0
+    for _, end in groups:
+        if end - start >= target * 0.999 or end == len(tasks):
+            chunks.append((start, end))
+            start = end
+    return chunks
+
+
+def absolute_file_path(name: str) -> str:
+    """``rel/path.py:Class`` -> an absolute path, since a Ray worker's working directory may differ."""
+    module, sep, cls = name.rpartition(":")
+    if sep and module.endswith(".py") and not os.path.isabs(module):
+        return f"{os.path.abspath(os.path.expanduser(module))}:{cls}"
+    return name
+
+
+class PendingVerdicts:
+    """Verification in flight (``EnvPool.submit``); ``result()`` waits and returns verdicts in order."""
+
+    def __init__(self, pool: "EnvPool", refs: list, chunks: list[tuple[int, int]]):
+        self.pool, self.refs, self.chunks = pool, refs, chunks
+
+    def result(self) -> list[Verdict]:
+        verdicts: list[Verdict] = []
+        for ref, (a, b) in zip(self.refs, self.chunks):
+            try:
+                verdicts += ray.get(ref)
+            except ray.exceptions.RayError as err:  # the worker process died; max_restarts revives it
+                verdicts += [failed(f"Verifier crashed: {type(err).__name__}.", "crash") for _ in range(b - a)]
+        self.pool.count(verdicts)
+        return verdicts
 
 
 class EnvPool:
     def __init__(self, cfg: EnvironmentConfig):
         self.cfg = cfg
-        self.actor = ray.remote(EnvWorker).options(num_cpus=cfg.num_cpus_per_worker, max_restarts=-1)
-        self.workers = [self.actor.remote(cfg.name, cfg.kwargs) for _ in range(cfg.workers)]
+        self.name = absolute_file_path(cfg.name)
+        actor = ray.remote(EnvWorker).options(num_cpus=cfg.num_cpus_per_worker, max_restarts=-1, max_task_retries=0)
+        self.workers = [actor.remote(self.name, cfg.kwargs) for _ in range(cfg.workers)]
+        self.failures: dict[str, int] = {}
 
-    def verify(self, tasks: list[Task], completions: list[str]) -> list[Verdict]:
-        """Verdicts in input order. Work is split into one contiguous chunk per worker."""
-        chunks = _chunks(len(tasks), len(self.workers))
-        refs = [w.verify.remote(tasks[a:b], completions[a:b], self.cfg.timeout_s_per_call) for w, (a, b) in zip(self.workers, chunks)]
-        verdicts: list[Verdict] = []
-        for ref, (a, b) in zip(refs, chunks):
-            try:
-                verdicts += ray.get(ref)
-            except ray.exceptions.RayError as err:  # the worker process died (max_restarts revives it)
-                verdicts += [_failed(f"Verifier crashed: {type(err).__name__}.", "crash")] * (b - a)
-        return verdicts
+    def submit(self, tasks: list[Task], completions: list[str], group_size: int | None = None) -> PendingVerdicts:
+        """Start verifying and return at once (overlap verification with other work).
+        ``group_size``: samples per prompt, consecutive; without it, groups are runs of the same task."""
+        if len(tasks) != len(completions):
+            raise ValueError(f"verify: {len(tasks)} tasks but {len(completions)} completions")
+        chunks = chunks_at_groups(tasks, len(self.workers), group_size)
+        refs = [w.verify.remote(tasks[a:b], completions[a:b], self.cfg.timeout_s_per_call, group_size)
+                for w, (a, b) in zip(self.workers, chunks)]
+        return PendingVerdicts(self, refs, chunks)
 
+    def verify(self, tasks: list[Task], completions: list[str], group_size: int | None = None) -> list[Verdict]:
+        """Verdicts in input order."""
+        return self.submit(tasks, completions, group_size).result()
 
-def _chunks(n: int, parts: int) -> list[tuple[int, int]]:
-    size, extra = divmod(n, parts)
-    bounds, start = [], 0
-    for i in range(parts):
-        end = start + size + (i < extra)
-        bounds.append((start, end))
-        start = end
-    return bounds
+    def count(self, verdicts: list[Verdict]) -> None:
+        for v in verdicts:
+            kind = v.info.get("verifier_failure")
+            if kind:
+                self.failures[kind] = self.failures.get(kind, 0) + 1
+
+    def shutdown(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
