@@ -22,6 +22,7 @@ class TrainSample:
     rollout_logprobs: list[float]
     teacher_prompt_ids: list[int]
     sd_mask: int
+    advantage: float = 0.0  # group-relative reward (GRPO / hybrid objectives)
 
     @property
     def num_tokens(self) -> int:
@@ -36,19 +37,22 @@ def build_batch(
     verdicts: list[list[Verdict]],
     tokenizer: Any,
     cfg: TeacherContextConfig,
+    std_normalize_advantages: bool = True,
 ) -> tuple[list[TrainSample], dict[str, float]]:
     samples: list[TrainSample] = []
     with_solution = with_feedback = 0
     for task, ids, group, group_verdicts in zip(tasks, prompt_ids, groups, verdicts):
         texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
         contexts = build_teacher_contexts(
-            task.messages, texts, [v.reward for v in group_verdicts], [v.feedback for v in group_verdicts], cfg
+            task.messages, texts, [v.reward for v in group_verdicts], [v.feedback for v in group_verdicts], cfg,
+            demonstration=task.demonstration,
         )
-        for completion, context in zip(group, contexts):
+        advantages = group_advantages([v.reward for v in group_verdicts], std_normalize_advantages)
+        for completion, context, advantage in zip(group, contexts, advantages):
             teacher_ids = ids if not context.sd_mask else truncate_prompt_ids(
                 chat_ids(tokenizer, context.messages), cfg.max_teacher_prompt_tokens, cfg.teacher_truncation
             )
-            samples.append(TrainSample(ids, completion.token_ids, completion.logprobs, teacher_ids, context.sd_mask))
+            samples.append(TrainSample(ids, completion.token_ids, completion.logprobs, teacher_ids, context.sd_mask, advantage))
             with_solution += context.has_solution
             with_feedback += context.has_feedback
     n = max(1, len(samples))
@@ -59,3 +63,15 @@ def build_batch(
         "teacher/prompt_tokens_mean": sum(len(s.teacher_prompt_ids) for s in samples) / n,
     }
     return samples, stats
+
+
+def group_advantages(rewards: list[float], std_normalize: bool, eps: float = 1e-6) -> list[float]:
+    """GRPO's advantage: reward minus the group mean, over the group's std unless Dr.GRPO
+    (``std_normalize=False``). A group whose rewards are all equal teaches nothing: all zeros."""
+    mean = sum(rewards) / len(rewards)
+    centred = [r - mean for r in rewards]
+    if not std_normalize:
+        return centred
+    # Sample std (n - 1), as GRPO implementations do; a single sample has no spread.
+    std = (sum(c * c for c in centred) / max(1, len(rewards) - 1)) ** 0.5
+    return [c / (std + eps) for c in centred]

@@ -27,6 +27,9 @@ class TeacherContextConfig(Section):
     reprompt_template: str = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
     solution_template: str = "\nCorrect solution:\n\n{successful_previous_attempt}"
     feedback_template: str = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}"
+    # Where demonstrations come from: successful siblings (SDPO), the task's offline
+    # `demonstration` field (SDFT), or both (a sibling when there is one, else the dataset's).
+    demonstration_source: Literal["rollouts", "dataset", "both"] = "rollouts"
     max_teacher_prompt_tokens: int = Field(10240, gt=0)
     # "left" drops the oldest tokens and so always keeps the assistant header the response is
     # scored after; "right" (what the reference code does) can cut that header off.
@@ -34,14 +37,26 @@ class TeacherContextConfig(Section):
 
 
 class LossConfig(Section):
-    """Per-token divergence between student and teacher (SPEC sections 3-4)."""
+    """The objective: self-distillation (SPEC sections 3-4), GRPO (section 6), or both."""
 
+    # sdpo: distill the teacher into the student; grpo: group-relative policy gradient with PPO
+    # clipping; hybrid: sdpo + pg_weight * grpo.
+    objective: Literal["sdpo", "grpo", "hybrid"] = "sdpo"
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # 0 forward KL, 1 reverse KL, between: generalized JSD
+    full_logit_distillation: bool = True  # False: the token-level estimator on sampled ids (alpha 1)
     topk: int | None = Field(100, gt=0)  # None: full vocabulary
     add_tail: bool = True
     rollout_is: bool = True  # truncated importance weight for rollout/learner mismatch
     rollout_is_cap: float = Field(2.0, gt=0.0)
+    is_clip: float | None = Field(2.0, gt=0.0)  # off-policy ratio cap when updates_per_batch > 1; None: off
+    top_entropy_quantile: float = Field(1.0, gt=0.0, le=1.0)  # distill on the top-q student-entropy tokens
     aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
+    chunk_tokens: int | None = Field(None, gt=0)  # divergence in chunks of this many tokens; None: at once
+    # GRPO / hybrid
+    clip_eps_low: float = Field(0.2, ge=0.0, lt=1.0)
+    clip_eps_high: float = Field(0.28, ge=0.0)
+    advantage_std_normalize: bool = True  # False: Dr.GRPO (mean-centred rewards only)
+    pg_weight: float = Field(1.0, ge=0.0)  # hybrid: weight of the policy-gradient term
 
 
 class ModelConfig(Section):
@@ -73,12 +88,26 @@ class RolloutConfig(Section):
     num_cpus_per_replica: float = Field(0.5, ge=0.0)
     num_gpus_per_replica: float = Field(0.0, ge=0.0)
     torch_threads_per_replica: int = Field(2, ge=1)
+    # GPU only: "colocated" shares each GPU with a learner rank (the engine sleeps while the learner
+    # trains); "disaggregated" gives rollout replicas GPUs of their own. Ignored on CPU.
+    placement: Literal["colocated", "disaggregated"] = "disaggregated"
+    # How new weights reach the engines: "shm" (a safetensors file in /dev/shm, any device), "nccl"
+    # (bucketed broadcast from learner rank 0; disaggregated GPUs), "cuda_ipc" (bucketed CUDA IPC
+    # handles; colocated GPUs). "auto": shm on CPU, else nccl or cuda_ipc by placement.
+    weight_sync: Literal["auto", "shm", "nccl", "cuda_ipc"] = "auto"
+    weight_sync_bucket_mib: int = Field(256, gt=0)  # nccl / cuda_ipc: bytes in flight per bucket
+    max_replica_restarts: int = Field(3, ge=0)  # a dead replica is replaced at most this often per run
 
 
 class TeacherConfig(Section):
-    kind: Literal["ema"] = "ema"
-    # theta_T <- (1 - rate) theta_T + rate theta after each step: 1 = live policy, 0 = frozen start.
+    """Whose weights score the teacher context (SPEC section 5)."""
+
+    # ema: theta_T <- (1 - rate) theta_T + rate theta after each step. trust_region: logits
+    # (1 - rate) z_initial + rate z_student. frozen: the initial model. live: the current policy.
+    # checkpoint: the model at `path`, never updated.
+    kind: Literal["ema", "trust_region", "frozen", "live", "checkpoint"] = "ema"
     update_rate: float = Field(0.05, ge=0.0, le=1.0)
+    path: str | None = None  # kind=checkpoint only
 
 
 class OptimizerConfig(Section):
@@ -87,6 +116,7 @@ class OptimizerConfig(Section):
     weight_decay: float = Field(0.01, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     warmup_steps: int = Field(10, ge=0)  # linear warm-up, then constant
+    updates_per_batch: int = Field(1, ge=1)  # optimizer steps on one generation batch (>1: off-policy)
 
 
 class LearnerConfig(Section):
@@ -151,6 +181,15 @@ class Config(Section):
                 f"prompts_per_step * rollout.samples_per_prompt = {samples} must be divisible by "
                 f"learner.world_size = {ranks} (every FSDP rank takes the same number of samples)"
             )
+        loss = self.loss
+        if not loss.full_logit_distillation and loss.alpha != 1.0 and loss.objective != "grpo":
+            raise ValueError(f"loss.full_logit_distillation=false (token-level estimator) needs loss.alpha=1, got {loss.alpha}")
+        if (self.teacher.kind == "checkpoint") != (self.teacher.path is not None):
+            raise ValueError("teacher.path is required with teacher.kind=checkpoint, and only then "
+                             f"(got kind={self.teacher.kind!r}, path={self.teacher.path!r})")
+        if loss.objective != "sdpo" and self.rollout.samples_per_prompt < 2:
+            raise ValueError(f"loss.objective={loss.objective} compares samples within a group: "
+                             "rollout.samples_per_prompt must be >= 2")
         if self.device == "cpu":
             if self.model.attn_implementation == "flash_attention_2":
                 raise ValueError("model.attn_implementation=flash_attention_2 needs device=cuda; use sdpa or auto")

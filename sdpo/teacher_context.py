@@ -65,11 +65,11 @@ def build_teacher_contexts(
     ``messages`` is the group's prompt chat; ``completions`` the decoded responses (no special
     tokens), ``rewards`` and ``feedbacks`` their verification results, all in batch order.
 
-    ``demonstration`` is an optional offline demonstration (SDFT) for the whole group. Choice: it is
-    the fallback solution, used only for samples that got no sibling demonstration, because a
-    successful on-policy sibling is closer to what the student can produce. With no successes in
-    the group every sample is taught from the offline demonstration; with
-    ``dont_reprompt_on_self_success`` a lone success is taught from it instead of getting nothing.
+    ``demonstration`` is the task's offline demonstration (SDFT), used per
+    ``cfg.demonstration_source``: "rollouts" ignores it (SDPO); "dataset" uses only it, never a
+    sibling (SDFT); "both" uses it as the fallback for samples that got no sibling demonstration,
+    because a successful on-policy sibling is closer to what the student can produce (so with
+    ``dont_reprompt_on_self_success`` a lone success is taught from it instead of getting nothing).
     It goes through the same thinking removal as sibling demonstrations.
     """
     n = len(completions)
@@ -83,9 +83,11 @@ def build_teacher_contexts(
     successes = [r >= cfg.success_threshold for r in rewards]
 
     contexts = []
+    source = cfg.demonstration_source
+    offline = demonstration if source in ("dataset", "both") else None
     for i in range(n):
-        j = _demonstration_index(i, successes, cfg.dont_reprompt_on_self_success)
-        demo = completions[j] if j is not None else demonstration
+        j = _demonstration_index(i, successes, cfg.dont_reprompt_on_self_success) if source != "dataset" else None
+        demo = completions[j] if j is not None else offline
         if demo is not None and cfg.remove_thinking_from_demonstration:
             demo = remove_thinking(demo)
         has_solution = demo is not None

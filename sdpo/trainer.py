@@ -68,7 +68,8 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
             flat = envs.verify([t for t in tasks for _ in range(n)], texts)
             verdicts = [flat[i * n : (i + 1) * n] for i in range(len(tasks))]
         with timer("teacher_contexts"):
-            batch, teacher_stats = build_batch(tasks, prompt_ids, groups, verdicts, tokenizer, cfg.teacher_context)
+            batch, teacher_stats = build_batch(tasks, prompt_ids, groups, verdicts, tokenizer, cfg.teacher_context,
+                                               cfg.loss.advantage_std_normalize)
         with timer("learn"):
             learn_stats = learners.train_step(batch)  # student + teacher forwards, loss, step, EMA teacher
         with timer("weight_sync"):

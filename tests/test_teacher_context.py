@@ -180,14 +180,30 @@ def test_success_threshold():
     assert not ctxs[0].has_solution
 
 
-def test_offline_demonstration_is_fallback():
+def test_offline_demonstration_both_is_fallback():
     # No sibling success: every sample is taught from the offline demonstration.
-    ctxs = build(["a", "b"], [0, 0], demonstration="<think>x</think>\n15")
+    ctxs = build(["a", "b"], [0, 0], demonstration="<think>x</think>\n15", demonstration_source="both")
     assert all(user_text(c) == "12+3\nCorrect solution:\n\n15" + SUFFIX for c in ctxs)
     # A sibling success wins; the lone success falls back to the offline demonstration.
-    ctxs = build(["a", "S1"], [0, 1], demonstration="D")
+    ctxs = build(["a", "S1"], [0, 1], demonstration="D", demonstration_source="both")
     assert user_text(ctxs[0]) == "12+3\nCorrect solution:\n\nS1" + SUFFIX
     assert user_text(ctxs[1]) == "12+3\nCorrect solution:\n\nD" + SUFFIX
+
+
+def test_offline_demonstration_dataset_only_is_sdft():
+    # SDFT: siblings never teach, even successful ones; every sample sees the dataset's demonstration.
+    ctxs = build(["a", "S1", "S2"], [0, 1, 1], demonstration="D", demonstration_source="dataset")
+    assert [user_text(c) for c in ctxs] == ["12+3\nCorrect solution:\n\nD" + SUFFIX] * 3
+    assert all(c.sd_mask == 1 and c.has_solution for c in ctxs)
+    # Without a demonstration, feedback is still the sample's own.
+    ctxs = build(["a", "S1"], [0, 1], feedbacks=["bad", None], demonstration_source="dataset")
+    assert ctxs[0].has_feedback and not ctxs[0].has_solution and ctxs[1].sd_mask == 0
+
+
+def test_offline_demonstration_ignored_by_default():
+    # SDPO proper ("rollouts"): a dataset demonstration is not used, so a group with no success gets nothing.
+    ctxs = build(["a", "b"], [0, 0], demonstration="D")
+    assert all(c.sd_mask == 0 for c in ctxs)
 
 
 def test_errors():

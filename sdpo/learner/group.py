@@ -6,6 +6,7 @@ import ray
 
 from sdpo.batch import TrainSample
 from sdpo.config import Config
+from sdpo.learner.objective import Totals
 from sdpo.learner.worker import LearnerWorker
 
 
@@ -21,10 +22,15 @@ class LearnerGroup:
 
     def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
         shards = balance(samples, len(self.workers))
-        total_tokens = sum(len(s.response_ids) for s in samples if s.sd_mask)
-        results = ray.get([w.train_step.remote(shard, len(samples), total_tokens) for w, shard in zip(self.workers, shards)])
+        totals = Totals(sequences=len(samples), sd_tokens=sum(len(s.response_ids) for s in samples if s.sd_mask),
+                        all_tokens=sum(len(s.response_ids) for s in samples))
+        results = ray.get([w.train_step.remote(shard, totals) for w, shard in zip(self.workers, shards)])
         tokens = sum(r["tokens"] for r in results)
+        extra = {f"learn/{k}": sum(r[k] for r in results) for k in ("sd_loss", "pg_loss") if k in results[0]}
+        if "clip_frac" in results[0]:
+            extra["learn/clip_frac"] = sum(r["clip_frac"] for r in results) / max(1.0, tokens)
         return {
+            **extra,
             "learn/loss": sum(r["loss"] for r in results),
             "learn/grad_norm": results[0]["grad_norm"],
             "learn/skipped_step": results[0]["skipped_step"],

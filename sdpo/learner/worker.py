@@ -17,7 +17,8 @@ from torch.distributed.tensor import DTensor
 from sdpo.batch import TrainSample
 from sdpo.config import Config
 from sdpo.learner.model import load_causal_lm, pick_attention, response_logits, shard
-from sdpo.loss import aggregate, divergence_per_token, rollout_is_weights, token_logprobs
+from sdpo.learner.objective import MicroBatch, Totals, entropy_threshold, micro_batch_loss, token_entropy
+from sdpo.loss import token_logprobs
 from sdpo.rollout.weights import write_weights
 
 
@@ -47,52 +48,100 @@ class LearnerWorker:
 
         attention = pick_attention(self.cfg.model.attn_implementation, self.cfg.device)
         student = load_causal_lm(self.model_path, attention)
-        # The EMA teacher starts as the initial checkpoint and is sharded exactly like the student,
-        # so its update is a local lerp on each rank's shard: no gathering.
-        teacher = copy.deepcopy(student).requires_grad_(False)
+        self.teacher = self._make_teacher(student, attention, mesh)
         self.student = shard(student.to(self.device), mesh, self.cfg.learner.mixed_precision)
-        self.teacher = shard(teacher.to(self.device), mesh, self.cfg.learner.mixed_precision, no_grad=True).eval()
         opt = self.cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
         warmup = max(1, opt.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return sum(p.numel() for p in self.student.parameters())
 
-    def train_step(self, samples: list[TrainSample], total_sequences: int, total_tokens: int) -> dict[str, float]:
-        """One optimizer step on this rank's share of the batch; returns sums for the driver to add up."""
+    def _make_teacher(self, student: torch.nn.Module, attention: str, mesh) -> torch.nn.Module | None:
+        """A separate teacher model, sharded exactly like the student so that an EMA update is a
+        local lerp on each rank's shard (no gathering). None when the teacher is the live policy
+        or the objective needs no teacher."""
+        kind = self.cfg.teacher.kind
+        if self.cfg.loss.objective == "grpo" or kind == "live":
+            return None
+        if kind == "checkpoint":
+            teacher = load_causal_lm(self.cfg.teacher.path, attention)
+            if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
+                raise ValueError(f"teacher.path={self.cfg.teacher.path!r}: its vocabulary differs from the student's")
+        else:  # ema, frozen, trust_region: all start from the initial checkpoint
+            teacher = copy.deepcopy(student)
+        teacher.requires_grad_(False)
+        return shard(teacher.to(self.device), mesh, self.cfg.learner.mixed_precision, no_grad=True).eval()
+
+    @torch.no_grad()
+    def _teacher_logits(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor | None:
+        kind = self.cfg.teacher.kind
+        if self.cfg.loss.objective == "grpo":
+            return None
+        if kind == "live":
+            return response_logits(self.student, prompts, responses, self.device)
+        logits = response_logits(self.teacher, prompts, responses, self.device)
+        if kind == "trust_region":
+            # Interpolate logits between the initial model and the current policy, both on the
+            # teacher context: the teacher can move only as far as the rate lets it.
+            rate = self.cfg.teacher.update_rate
+            logits = torch.lerp(logits.float(), response_logits(self.student, prompts, responses, self.device).float(), rate)
+        return logits
+
+    def train_step(self, samples: list[TrainSample], totals: Totals) -> dict[str, float]:
+        """``updates_per_batch`` optimizer steps on this rank's share of the batch; returns sums
+        (and last-update scalars) for the driver to combine over ranks."""
         cfg = self.cfg
         self.student.train()
-        sums = {"loss": 0.0, "logp_gap_abs": 0.0, "is_weight": 0.0, "tokens": 0.0}
         size = cfg.learner.samples_per_micro_batch
-        for start in range(0, len(samples), size):
-            micro = samples[start : start + size]
-            responses = [s.response_ids for s in micro]
-            with torch.no_grad():
-                teacher_logits = response_logits(self.teacher, [s.teacher_prompt_ids for s in micro], responses, self.device)
-            student_logits = response_logits(self.student, [s.prompt_ids for s in micro], responses, self.device)
+        micros = [samples[i : i + size] for i in range(0, len(samples), size)]
+        masks = self._entropy_masks(micros) if cfg.loss.top_entropy_quantile < 1.0 else [None] * len(micros)
+        old_logps: list[torch.Tensor | None] = [None] * len(micros)
+        sums: dict[str, float] = {}
+        updates = cfg.optimizer.updates_per_batch
+        for update in range(updates):
+            for m, micro in enumerate(micros):
+                responses = [s.response_ids for s in micro]
+                teacher_logits = self._teacher_logits([s.teacher_prompt_ids for s in micro], responses)
+                student_logits = response_logits(self.student, [s.prompt_ids for s in micro], responses, self.device)
+                mb = self._tensors(micro)
+                loss, stats = micro_batch_loss(cfg.loss, student_logits, teacher_logits, mb, old_logps[m], totals, masks[m])
+                if update == 0 and updates > 1:
+                    # Later updates measure how far the policy moved from these, the pre-update log-probs.
+                    old_logps[m] = token_logprobs(student_logits.detach(), mb.sampled)
+                # `micro_batch_loss` divides by batch-wide totals; FSDP averages gradients over
+                # ranks, so scaling by the world size makes the result a sum over ranks.
+                (loss * self.world_size).backward()
+                stats.update(loss=loss.item(), tokens=float(mb.sampled.numel()))
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0.0) + value / updates
+            sums.update(self._optimizer_step())
+        return sums
 
-            sampled = torch.tensor([t for r in responses for t in r], device=self.device)
-            seq_index = torch.repeat_interleave(torch.arange(len(micro)), torch.tensor([len(r) for r in responses])).to(self.device)
-            rollout_logp = torch.tensor([lp for s in micro for lp in s.rollout_logprobs], device=self.device)
-            # One optimizer step per batch: before the update, the learner's "old" log-probs are
-            # exactly this forward's, detached. No extra no-grad pass is needed.
-            learner_logp = token_logprobs(student_logits, sampled).detach()
-            weight = rollout_is_weights(learner_logp, rollout_logp, cfg.loss.rollout_is_cap) if cfg.loss.rollout_is else torch.ones_like(learner_logp)
+    def _tensors(self, micro: list[TrainSample]) -> MicroBatch:
+        responses = [s.response_ids for s in micro]
+        return MicroBatch(
+            sampled=torch.tensor([t for r in responses for t in r], device=self.device),
+            seq_index=torch.repeat_interleave(torch.arange(len(micro)), torch.tensor([len(r) for r in responses])).to(self.device),
+            rollout_logp=torch.tensor([lp for s in micro for lp in s.rollout_logprobs], device=self.device),
+            sd_mask=torch.tensor([s.sd_mask for s in micro], dtype=torch.float32, device=self.device),
+            advantage=torch.tensor([s.advantage for s in micro], dtype=torch.float32, device=self.device),
+        )
 
-            per_token = divergence_per_token(student_logits, teacher_logits, alpha=cfg.loss.alpha, topk=cfg.loss.topk, add_tail=cfg.loss.add_tail)
-            sd_mask = torch.tensor([s.sd_mask for s in micro], dtype=torch.float32, device=self.device)
-            loss = aggregate(per_token, weight, seq_index, sd_mask, mode=cfg.loss.aggregation,
-                             total_sequences=total_sequences, total_tokens=total_tokens)
-            # `aggregate` already divides by global totals; FSDP averages gradients over ranks,
-            # so scaling by the world size makes the result a sum over ranks.
-            (loss * self.world_size).backward()
+    @torch.no_grad()
+    def _entropy_masks(self, micros: list[list[TrainSample]]) -> list[torch.Tensor]:
+        """Masks keeping the response tokens whose student entropy is in the batch's top
+        ``top_entropy_quantile``: one no-grad pass, entropies gathered over all ranks so that the
+        threshold is the whole batch's, however it is split."""
+        entropies = []
+        for micro in micros:
+            logits = response_logits(self.student, [s.prompt_ids for s in micro], [s.response_ids for s in micro], self.device)
+            entropies.append(token_entropy(logits))
+        local = torch.cat(entropies)
+        threshold = entropy_threshold(_all_gather_1d(local), self.cfg.loss.top_entropy_quantile)
+        return [(e >= threshold).float() for e in entropies]
 
-            sums["loss"] += loss.item()
-            sums["logp_gap_abs"] += (learner_logp - rollout_logp).abs().sum().item()
-            sums["is_weight"] += weight.sum().item()
-            sums["tokens"] += float(sampled.numel())
-
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.optimizer.grad_clip)
+    def _optimizer_step(self) -> dict[str, float]:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optimizer.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm)
         finite = math.isfinite(grad_norm)
         if finite:
@@ -100,11 +149,12 @@ class LearnerWorker:
             self._update_teacher()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        sums.update(grad_norm=grad_norm, skipped_step=float(not finite), lr=self.scheduler.get_last_lr()[0])
-        return sums
+        return {"grad_norm": grad_norm, "skipped_step": float(not finite), "lr": self.scheduler.get_last_lr()[0]}
 
     @torch.no_grad()
     def _update_teacher(self) -> None:
+        if self.teacher is None or self.cfg.teacher.kind != "ema":
+            return  # frozen, trust_region and checkpoint teachers keep their weights; live has none
         rate = self.cfg.teacher.update_rate
         for t, s in zip(self.teacher.parameters(), self.student.parameters()):
             t_local = t.to_local() if isinstance(t, DTensor) else t
@@ -112,6 +162,8 @@ class LearnerWorker:
 
     def export_weights(self, directory: str, version: int, teacher: bool = False) -> str | None:
         """Full student (or teacher) weights as one file. Every rank joins the gather; rank 0 writes."""
+        if teacher and self.teacher is None:
+            raise ValueError(f"teacher.kind={self.cfg.teacher.kind!r} with loss.objective={self.cfg.loss.objective!r} keeps no separate teacher weights")
         model = self.teacher if teacher else self.student
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         path = write_weights(state, directory, version) if self.rank == 0 else None
@@ -121,6 +173,18 @@ class LearnerWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _all_gather_1d(local: torch.Tensor) -> torch.Tensor:
+    """Concatenate 1-D tensors of different lengths from every rank."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([local.numel()], device=local.device))
+    width = int(max(s.item() for s in sizes))
+    padded = torch.zeros(width, dtype=local.dtype, device=local.device)
+    padded[: local.numel()] = local
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(n.item())] for g, n in zip(gathered, sizes)])
 
 
 def _node_ip() -> str:

@@ -1,0 +1,97 @@
+"""One micro-batch's share of the training loss, for every objective (SDPO, GRPO, hybrid).
+
+Tensors and a LossConfig in, a scalar out. The teacher's logits arrive precomputed (the worker
+decides whose weights produce them); nothing here knows about models or environments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from sdpo.config import LossConfig
+from sdpo.loss import aggregate, divergence_per_token, rollout_is_weights, token_logprobs
+
+
+@dataclass
+class Totals:
+    """Batch-wide normalizers, so every micro-batch and rank adds its exact share of the loss."""
+
+    sequences: int  # all sequences of the batch
+    sd_tokens: int  # response tokens of sequences with a teacher signal (sd_mask = 1)
+    all_tokens: int  # all response tokens
+
+
+@dataclass
+class MicroBatch:
+    sampled: Tensor  # (N,) the response token ids, sequences concatenated
+    seq_index: Tensor  # (N,) which sequence of the micro-batch each token belongs to
+    rollout_logp: Tensor  # (N,) the engine's log-prob of each sampled token
+    sd_mask: Tensor  # (S,) 1 where the sample has a teacher signal
+    advantage: Tensor  # (S,) group-relative reward, for policy-gradient objectives
+
+
+def micro_batch_loss(
+    cfg: LossConfig,
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    mb: MicroBatch,
+    old_logp: Tensor | None,
+    totals: Totals,
+    token_mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Returns (loss share, sums for metrics). ``old_logp`` is the learner's detached log-prob of
+    each sampled token before this batch's first update; None means this is that first update, so
+    the current forward's own detached log-probs are the old ones (on-policy: ratio exactly 1).
+    ``token_mask`` (N,) zeroes distillation on tokens outside the top entropy quantile."""
+    student_logp = token_logprobs(student_logits, mb.sampled)
+    old = student_logp.detach() if old_logp is None else old_logp
+    # Truncated IS against the engine's numerics, from the learner's pre-update log-probs (SPEC §4).
+    tis = rollout_is_weights(old, mb.rollout_logp, cfg.rollout_is_cap) if cfg.rollout_is else torch.ones_like(old)
+    loss = student_logits.new_zeros((), dtype=torch.float32)
+    stats = {"logp_gap_abs": (old - mb.rollout_logp).abs().sum().item(), "is_weight": tis.sum().item()}
+
+    if cfg.objective in ("sdpo", "hybrid"):
+        if cfg.full_logit_distillation:
+            per_token = divergence_per_token(student_logits, teacher_logits, alpha=cfg.alpha, topk=cfg.topk, add_tail=cfg.add_tail)
+        else:
+            # Token-level estimator (SPEC §3): its gradient is that of the reverse KL on the
+            # sampled token; the value is not a divergence.
+            teacher_logp = token_logprobs(teacher_logits.detach(), mb.sampled)
+            per_token = (student_logp - teacher_logp).detach() * student_logp
+        weight = tis
+        if old_logp is not None and cfg.is_clip is not None:
+            # Several updates share one generation batch: reweight toward the current policy.
+            weight = weight * torch.clamp(torch.exp(torch.clamp(student_logp.detach() - old, -20.0, 20.0)), max=cfg.is_clip)
+        if token_mask is not None:
+            weight = weight * token_mask
+        sd = aggregate(per_token, weight, mb.seq_index, mb.sd_mask, mode=cfg.aggregation,
+                       total_sequences=totals.sequences, total_tokens=totals.sd_tokens)
+        loss = loss + sd
+        stats["sd_loss"] = sd.item()
+
+    if cfg.objective in ("grpo", "hybrid"):
+        advantage = mb.advantage.to(student_logp.dtype)[mb.seq_index]
+        ratio = torch.exp(torch.clamp(student_logp - old, -20.0, 20.0))
+        clipped = torch.clamp(ratio, 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
+        per_token = -torch.minimum(ratio * advantage, clipped * advantage)
+        everyone = torch.ones_like(mb.sd_mask)
+        pg = aggregate(per_token, tis, mb.seq_index, everyone, mode=cfg.aggregation,
+                       total_sequences=totals.sequences, total_tokens=totals.all_tokens)
+        loss = loss + (cfg.pg_weight if cfg.objective == "hybrid" else 1.0) * pg
+        stats["pg_loss"] = pg.item()
+        stats["clip_frac"] = ((ratio - clipped).abs() > 0).float().sum().item()
+    return loss, stats
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """Entropy of each position's full-vocabulary distribution: (N, V) -> (N,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def entropy_threshold(entropies: Tensor, quantile: float) -> Tensor:
+    """The entropy above which a token is among the top ``quantile`` fraction (SPEC §4)."""
+    return torch.quantile(entropies.float(), 1.0 - quantile) if entropies.numel() else entropies.new_zeros(())
