@@ -29,7 +29,7 @@ def test_recipe_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["loss.alhpa=1"], "loss.alhpa: unknown key; valid keys here: alpha, topk"),
+    (["loss.alhpa=1"], "loss.alhpa: unknown key; valid keys here: objective, alpha, full_logit_distillation, topk"),
     (["loss.alpha=1.5"], "loss.alpha: Input should be less than or equal to 1"),
     (["steps=many"], "steps: Input should be a valid integer"),
     (["rollout.engine=tgi"], "rollout.engine: Input should be 'auto', 'vllm' or 'hf'"),
