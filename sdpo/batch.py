@@ -8,9 +8,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import torch
+
 from environments import Task, Verdict
 from sdpo.chat import chat_ids
 from sdpo.config import TeacherContextConfig
+from sdpo.loss import group_advantages
 from sdpo.rollout.base import Completion
 from sdpo.teacher_context import build_teacher_contexts, truncate_prompt_ids
 
@@ -47,7 +50,8 @@ def build_batch(
             task.messages, texts, [v.reward for v in group_verdicts], [v.feedback for v in group_verdicts], cfg,
             demonstration=task.demonstration,
         )
-        advantages = group_advantages([v.reward for v in group_verdicts], std_normalize_advantages)
+        rewards = torch.tensor([v.reward for v in group_verdicts])
+        advantages = group_advantages(rewards, torch.zeros(len(rewards)), normalize_std=std_normalize_advantages).tolist()
         for completion, context, advantage in zip(group, contexts, advantages):
             teacher_ids = ids if not context.sd_mask else truncate_prompt_ids(
                 chat_ids(tokenizer, context.messages), cfg.max_teacher_prompt_tokens, cfg.teacher_truncation
@@ -64,14 +68,3 @@ def build_batch(
     }
     return samples, stats
 
-
-def group_advantages(rewards: list[float], std_normalize: bool, eps: float = 1e-6) -> list[float]:
-    """GRPO's advantage: reward minus the group mean, over the group's std unless Dr.GRPO
-    (``std_normalize=False``). A group whose rewards are all equal teaches nothing: all zeros."""
-    mean = sum(rewards) / len(rewards)
-    centred = [r - mean for r in rewards]
-    if not std_normalize:
-        return centred
-    # Sample std (n - 1), as GRPO implementations do; a single sample has no spread.
-    std = (sum(c * c for c in centred) / max(1, len(rewards) - 1)) ** 0.5
-    return [c / (std + eps) for c in centred]

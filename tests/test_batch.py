@@ -3,18 +3,10 @@
 import pytest
 
 from environments import Task, Verdict
-from sdpo.batch import build_batch, group_advantages
+from sdpo.batch import build_batch
 from sdpo.config import TeacherContextConfig
 from sdpo.rollout.base import Completion
 from sdpo.tiny.tokenizer import build_tokenizer
-
-
-def test_group_advantages_by_hand():
-    # mean 0.25; sample std sqrt((3 * 0.0625 + 0.5625) / 3) = 0.5
-    assert group_advantages([1, 0, 0, 0], std_normalize=True) == pytest.approx([1.5, -0.5, -0.5, -0.5], rel=1e-5)
-    assert group_advantages([1, 0, 0, 0], std_normalize=False) == pytest.approx([0.75, -0.25, -0.25, -0.25])
-    assert group_advantages([1, 1, 1], std_normalize=True) == [0.0, 0.0, 0.0]  # no spread, no signal
-    assert group_advantages([0.3], std_normalize=True) == [0.0]
 
 
 @pytest.mark.parametrize("source, solution_in_teacher", [("rollouts", False), ("dataset", True), ("both", True)])

@@ -6,13 +6,15 @@ decides whose weights produce them); nothing here knows about models or environm
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from sdpo.config import LossConfig
-from sdpo.loss import aggregate, divergence_per_token, rollout_is_weights, token_logprobs
+from sdpo.loss import (aggregate, divergence_per_token, off_policy_is_weights, ppo_clip_per_token, rollout_is_weights,
+                       token_level_distillation, token_logprobs)
 
 
 @dataclass
@@ -57,14 +59,11 @@ def micro_batch_loss(
         if cfg.full_logit_distillation:
             per_token = divergence_per_token(student_logits, teacher_logits, alpha=cfg.alpha, topk=cfg.topk, add_tail=cfg.add_tail)
         else:
-            # Token-level estimator (SPEC §3): its gradient is that of the reverse KL on the
-            # sampled token; the value is not a divergence.
-            teacher_logp = token_logprobs(teacher_logits.detach(), mb.sampled)
-            per_token = (student_logp - teacher_logp).detach() * student_logp
+            per_token = token_level_distillation(student_logp, token_logprobs(teacher_logits, mb.sampled), alpha=cfg.alpha)
         weight = tis
         if old_logp is not None and cfg.is_clip is not None:
             # Several updates share one generation batch: reweight toward the current policy.
-            weight = weight * torch.clamp(torch.exp(torch.clamp(student_logp.detach() - old, -20.0, 20.0)), max=cfg.is_clip)
+            weight = weight * off_policy_is_weights(student_logp, old, cfg.is_clip)
         if token_mask is not None:
             weight = weight * token_mask
         sd = aggregate(per_token, weight, mb.seq_index, mb.sd_mask, mode=cfg.aggregation,
@@ -74,24 +73,13 @@ def micro_batch_loss(
 
     if cfg.objective in ("grpo", "hybrid"):
         advantage = mb.advantage.to(student_logp.dtype)[mb.seq_index]
-        ratio = torch.exp(torch.clamp(student_logp - old, -20.0, 20.0))
-        clipped = torch.clamp(ratio, 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
-        per_token = -torch.minimum(ratio * advantage, clipped * advantage)
+        per_token = ppo_clip_per_token(student_logp, old, advantage, eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high)
         everyone = torch.ones_like(mb.sd_mask)
         pg = aggregate(per_token, tis, mb.seq_index, everyone, mode=cfg.aggregation,
                        total_sequences=totals.sequences, total_tokens=totals.all_tokens)
         loss = loss + (cfg.pg_weight if cfg.objective == "hybrid" else 1.0) * pg
         stats["pg_loss"] = pg.item()
-        stats["clip_frac"] = ((ratio - clipped).abs() > 0).float().sum().item()
+        log_ratio = (student_logp - old).detach()
+        stats["clip_frac"] = ((log_ratio < math.log1p(-cfg.clip_eps_low)) | (log_ratio > math.log1p(cfg.clip_eps_high))).sum().item()
     return loss, stats
 
-
-def token_entropy(logits: Tensor) -> Tensor:
-    """Entropy of each position's full-vocabulary distribution: (N, V) -> (N,)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def entropy_threshold(entropies: Tensor, quantile: float) -> Tensor:
-    """The entropy above which a token is among the top ``quantile`` fraction (SPEC §4)."""
-    return torch.quantile(entropies.float(), 1.0 - quantile) if entropies.numel() else entropies.new_zeros(())

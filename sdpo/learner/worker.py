@@ -17,8 +17,8 @@ from torch.distributed.tensor import DTensor
 from sdpo.batch import TrainSample
 from sdpo.config import Config
 from sdpo.learner.model import load_causal_lm, pick_attention, response_logits, shard
-from sdpo.learner.objective import MicroBatch, Totals, entropy_threshold, micro_batch_loss, token_entropy
-from sdpo.loss import token_logprobs
+from sdpo.learner.objective import MicroBatch, Totals, micro_batch_loss
+from sdpo.loss import gather_entropy_threshold, token_entropy, token_logprobs, top_entropy_mask
 from sdpo.rollout.weights import write_weights
 
 
@@ -136,9 +136,8 @@ class LearnerWorker:
         for micro in micros:
             logits = response_logits(self.student, [s.prompt_ids for s in micro], [s.response_ids for s in micro], self.device)
             entropies.append(token_entropy(logits))
-        local = torch.cat(entropies)
-        threshold = entropy_threshold(_all_gather_1d(local), self.cfg.loss.top_entropy_quantile)
-        return [(e >= threshold).float() for e in entropies]
+        threshold = gather_entropy_threshold(torch.cat(entropies), self.cfg.loss.top_entropy_quantile)
+        return [top_entropy_mask(e, threshold) for e in entropies]
 
     def _optimizer_step(self) -> dict[str, float]:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optimizer.grad_clip)
@@ -173,18 +172,6 @@ class LearnerWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _all_gather_1d(local: torch.Tensor) -> torch.Tensor:
-    """Concatenate 1-D tensors of different lengths from every rank."""
-    sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, torch.tensor([local.numel()], device=local.device))
-    width = int(max(s.item() for s in sizes))
-    padded = torch.zeros(width, dtype=local.dtype, device=local.device)
-    padded[: local.numel()] = local
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[: int(n.item())] for g, n in zip(gathered, sizes)])
 
 
 def _node_ip() -> str:
