@@ -113,7 +113,10 @@ class Code(Environment):
 
     def __init__(self, dataset: str = "sample", config: str | None = None, limit_per_split: int | None = None,
                  time_limit_s: float = 6.0, memory_mib: int = 1024, partial_credit: bool = False,
-                 max_tests: int | None = None, sandbox_level: str = "auto", splits: dict[str, str] | None = None):
+                 max_tests: int | None = None, sandbox_level: str = "auto", splits: dict[str, str] | None = None,
+                 concurrency: int = 1):
+        # Verification waits on sandboxed processes: a worker may run several at once (one per core).
+        self.max_concurrency = concurrency
         self.dataset, self.config, self.limit = dataset, config, limit_per_split
         self.time_limit_s, self.memory_mib = time_limit_s, memory_mib
         self.partial_credit, self.max_tests, self.sandbox_level = partial_credit, max_tests, sandbox_level
