@@ -174,11 +174,12 @@ class PendingVerdicts:
 
     def result(self) -> list[Verdict]:
         verdicts: list[Verdict] = []
-        for ref, (a, b) in zip(self.refs, self.chunks):
+        for index, (ref, (a, b)) in enumerate(zip(self.refs, self.chunks)):
             try:
                 verdicts += ray.get(ref)
             except ray.exceptions.RayError as err:  # the worker process died; max_restarts revives it
                 verdicts += [failed(f"Verifier crashed: {type(err).__name__}.", "crash") for _ in range(b - a)]
+                self.pool.restarting.add(index)
         self.pool.count(verdicts)
         return verdicts
 
@@ -190,12 +191,26 @@ class EnvPool:
         actor = ray.remote(EnvWorker).options(num_cpus=cfg.num_cpus_per_worker, max_restarts=-1, max_task_retries=0)
         self.workers = [actor.remote(self.name, cfg.kwargs) for _ in range(cfg.workers)]
         self.failures: dict[str, int] = {}
+        self.restarting: set[int] = set()  # workers whose process died; wait for them before new work
+
+    def _wait_for_restarts(self) -> None:
+        # A call sent while Ray still believes the dead process alive fails too; a ping that
+        # succeeds means the restarted actor is taking calls again.
+        for index in sorted(self.restarting):
+            for _ in range(20):
+                try:
+                    ray.get(self.workers[index].pid.remote(), timeout=30)
+                    break
+                except (ray.exceptions.RayError, TimeoutError):
+                    time.sleep(0.5)
+        self.restarting.clear()
 
     def submit(self, tasks: list[Task], completions: list[str], group_size: int | None = None) -> PendingVerdicts:
         """Start verifying and return at once (overlap verification with other work).
         ``group_size``: samples per prompt, consecutive; without it, groups are runs of the same task."""
         if len(tasks) != len(completions):
             raise ValueError(f"verify: {len(tasks)} tasks but {len(completions)} completions")
+        self._wait_for_restarts()
         chunks = chunks_at_groups(tasks, len(self.workers), group_size)
         refs = [w.verify.remote(tasks[a:b], completions[a:b], self.cfg.timeout_s_per_call, group_size)
                 for w, (a, b) in zip(self.workers, chunks)]
