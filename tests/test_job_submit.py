@@ -119,16 +119,25 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
             pass
 
 
+def submit(ray_head: dict, name: str, *args: str) -> tuple[subprocess.CompletedProcess, str]:
+    out = subprocess.run(
+        ["ray", "job", "submit", "--address", ray_head["address"], "--submission-id", name, "--working-dir", ".",
+         "--", "python", "-m", "sdpo.run", "recipes/quickstart.yaml", *args],
+        cwd=ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=400)
+    return out, out.stdout + out.stderr
+
+
 def test_quickstart_as_a_ray_job(ray_head, tmp_path):
+    # A recipe typo: the job fails in seconds, the error is in the followed logs, and `ray job submit`
+    # exits non-zero, so a script (or CI) that submits sees it.
+    bad, logs = submit(ray_head, f"bad-{uuid.uuid4().hex[:8]}", "loss.alpah=1")
+    assert bad.returncode != 0 and "loss.alpah: unknown key" in logs and "failed" in logs, logs[-5000:]
+
     name = f"job-{uuid.uuid4().hex[:8]}"
     run_dir = tmp_path / name  # absolute: the job's cwd is a copy of the working dir inside Ray's temp dir
-    submission = subprocess.run(
-        ["ray", "job", "submit", "--address", ray_head["address"], "--submission-id", name, "--working-dir", ".",
-         "--", "python", "-m", "sdpo.run", "recipes/quickstart.yaml", "steps=2", "prompts_per_step=4",
-         "rollout.samples_per_prompt=4", "learner.samples_per_micro_batch=4", "eval.max_tasks=8",
-         "eval.every_steps=0", f"logging.run_dir={run_dir}"],
-        cwd=ROOT, env=ray_head["env"], capture_output=True, text=True, timeout=400)
-    logs = submission.stdout + submission.stderr
+    submission, logs = submit(ray_head, name, "steps=2", "prompts_per_step=4", "rollout.samples_per_prompt=4",
+                              "learner.samples_per_micro_batch=4", "eval.max_tasks=8", "eval.every_steps=0",
+                              f"logging.run_dir={run_dir}")
     weights = Path("/dev/shm").glob(f"sdpo-*-{name}-*")  # the run's weight-sync files
     for path in weights:
         shutil.rmtree(path, ignore_errors=True)
@@ -151,14 +160,16 @@ def test_quickstart_as_a_ray_job(ray_head, tmp_path):
     assert plot.returncode == 0 and (run_dir / "plots" / "overview.png").is_file(), plot.stderr
 
     # What was uploaded: the working dir as unpacked on the cluster, without runs, venvs, git or caches.
+    # One package per distinct content (files edited between the two submissions make a second one).
     uploads = [p for p in Path(ray_head["temp_dir"]).glob("session_2*/runtime_resources/working_dir_files/_ray_pkg_*")
                if p.is_dir()]  # not session_latest (a link to the same session) nor the .zip.lock
-    assert len(uploads) == 1, uploads
-    files = [p for p in uploads[0].rglob("*") if p.is_file()]
-    size = sum(p.stat().st_size for p in files)
-    top = {p.relative_to(uploads[0]).parts[0] for p in files}
-    print(f"working-dir upload: {len(files)} files, {size / 2**10:.0f} KiB")
-    assert {"sdpo", "environments", "recipes", "pyproject.toml"} <= top
-    assert not top & {"runs", ".venv", ".git", "sdpo.egg-info", "wandb", ".pytest_cache"}, top
-    assert not any("__pycache__" in p.parts for p in files)
-    assert size < UPLOAD_LIMIT_BYTES, size
+    assert 1 <= len(uploads) <= 2, uploads
+    for upload in uploads:
+        files = [p for p in upload.rglob("*") if p.is_file()]
+        size = sum(p.stat().st_size for p in files)
+        top = {p.relative_to(upload).parts[0] for p in files}
+        print(f"working-dir upload: {len(files)} files, {size / 2**10:.0f} KiB")
+        assert {"sdpo", "environments", "recipes", "pyproject.toml"} <= top
+        assert not top & {"runs", ".venv", ".git", "sdpo.egg-info", "wandb", ".pytest_cache"}, top
+        assert not any("__pycache__" in p.parts for p in files)
+        assert size < UPLOAD_LIMIT_BYTES, size
