@@ -114,8 +114,9 @@ def draw_loss(ax: Axes, rows: list[dict]) -> bool:
     loss = series(rows, "learn/loss")
     if not loss[0]:
         return False
-    _noisy(ax, loss, "SDPO loss", "tab:red")
-    ax.set(title="Distillation loss", ylabel="divergence (nats, batch mean)")
+    _noisy(ax, loss, "loss", "tab:red")
+    # Not named "divergence": with loss.objective=grpo or hybrid it holds a policy-gradient term too.
+    ax.set(title="Training loss (learn/loss)", ylabel="loss per batch")
     return True
 
 

@@ -194,6 +194,13 @@ def test_dataset_without_the_fields_the_environment_reads(user_env):
                     "that the dataset has the fields this environment reads")
 
 
+def test_dataset_with_no_rows(user_env):
+    (user_env / "empty.jsonl").write_text("")
+    out = run_cli(QUICKSTART, "environment.name=qa_env:QA", f"environment.kwargs={{path: {user_env / 'empty.jsonl'}}}",
+                  pythonpath=user_env)
+    assert_rejected(out, "qa_env:QA tasks('train')", "returned no tasks: check the split name and the dataset")
+
+
 def test_tasks_whose_messages_the_chat_template_cannot_read(user_env):
     out = run_cli(QUICKSTART, "environment.name=qa_env:RawRows", f"environment.kwargs={{path: {user_env / 'good.jsonl'}}}",
                   pythonpath=user_env)
