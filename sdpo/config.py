@@ -146,6 +146,16 @@ class LoggingConfig(Section):
     tensorboard: bool = False  # event files in RUN_DIR/tensorboard; needs `pip install tensorboard`
 
 
+class CheckpointConfig(Section):
+    every_steps: int = Field(0, ge=0)  # also always at the last step; 0: only there
+    keep_last: int = Field(2, ge=1)
+    # auto: continue from the newest complete checkpoint in logging.run_dir when there is one (give
+    # the run a fixed run_dir, without {time}, to resume by re-running the same command); never: start fresh.
+    resume: Literal["auto", "never"] = "auto"
+    export_hf: bool = True  # the final policy as a Hugging Face folder in RUN_DIR/final_model
+    max_learner_restarts: int = Field(2, ge=0)  # a dead learner rank: restart the group from the last checkpoint
+
+
 class RayConfig(Section):
     address: str | None = None  # None: $RAY_ADDRESS if set (ray job submit), else a local cluster
     num_cpus: int | None = Field(None, ge=1)  # local cluster size; None: all cores
@@ -167,6 +177,7 @@ class Config(Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @property

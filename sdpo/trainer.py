@@ -5,12 +5,16 @@ file paths between actors."""
 from __future__ import annotations
 
 import random
+import shutil
 import time
 from pathlib import Path
+
+import ray
 
 from environments import Task, load_environment
 from sdpo.batch import build_batch
 from sdpo.chat import chat_ids
+from sdpo.checkpoint import Checkpoints, size_bytes, step_of, truncate_metrics
 from sdpo.cluster import start_ray
 from sdpo.config import Config
 from sdpo.env_pool import EnvPool
@@ -29,6 +33,10 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
     tokenizer = load_tokenizer(model_path)
     stops = stop_token_ids(model_path, tokenizer)
     run_dir = make_run_dir(cfg)
+    checkpoints = Checkpoints(cfg, run_dir)
+    resume_from = checkpoints.latest() if cfg.checkpoint.resume == "auto" else None
+    # Steps after the checkpoint are replayed, so their rows go; a fresh start drops everything.
+    truncate_metrics(run_dir / "metrics.jsonl", after_step=step_of(resume_from) if resume_from else -1)
     log = RunLogger(cfg, run_dir)
 
     started_ray = start_ray(cfg)
@@ -49,15 +57,29 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
         for name, temperature, n in modes:
             _, groups = generate_groups(eval_tasks, n, temperature, seed=10_000_019 + cfg.seed)
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
-            verdicts = envs.verify([t for t in eval_tasks for _ in range(n)], texts)
+            verdicts = envs.verify([t for t in eval_tasks for _ in range(n)], texts, group_size=n)
             success = sum(v.reward >= cfg.teacher_context.success_threshold for v in verdicts) / len(verdicts)
             results[f"eval/success_{name}"] = success
         log.log(step, results)
         return results
 
-    before = evaluate(0)
-    sampler = PromptSampler(train_tasks, cfg.seed)
-    for step in range(1, cfg.steps + 1):
+    def restore(path: Path | None) -> tuple[int, PromptSampler, dict[str, float] | None]:
+        """Learners, engine weights and data position as of checkpoint ``path`` (None: the start)."""
+        sampler = PromptSampler(train_tasks, cfg.seed)
+        if path is None:
+            return 0, sampler, None
+        learners.load_checkpoint(str(path))
+        state = checkpoints.load_driver_state(path)
+        sampler.load_state(state["sampler"])
+        rollout.load_weights(learners.export_weights(weights_dir, state["step"]), version=state["step"])
+        log.say(f"resumed from {path} (step {state['step']})")
+        return state["step"], sampler, state["before"]
+
+    step, sampler, before = restore(resume_from)
+    before = before or evaluate(0)
+    restarts = 0
+    while step < cfg.steps:
+        step += 1
         timer, started = PhaseTimer(), time.perf_counter()
         tasks = sampler.next(cfg.prompts_per_step)
         n = cfg.rollout.samples_per_prompt
@@ -65,30 +87,66 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
             prompt_ids, groups = generate_groups(tasks, n, cfg.rollout.temperature, seed=cfg.seed * 1_000_003 + step)
         with timer("verify"):
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
-            flat = envs.verify([t for t in tasks for _ in range(n)], texts)
+            flat = envs.verify([t for t in tasks for _ in range(n)], texts, group_size=n)
             verdicts = [flat[i * n : (i + 1) * n] for i in range(len(tasks))]
         with timer("teacher_contexts"):
             batch, teacher_stats = build_batch(tasks, prompt_ids, groups, verdicts, tokenizer, cfg.teacher_context,
                                                cfg.loss.advantage_std_normalize)
-        with timer("learn"):
-            learn_stats = learners.train_step(batch)  # student + teacher forwards, loss, step, EMA teacher
-        with timer("weight_sync"):
-            rollout.load_weights(learners.export_weights(weights_dir, step), version=step)
+        try:
+            with timer("learn"):
+                learn_stats = learners.train_step(batch)  # teacher + student forwards, loss, step, teacher update
+            with timer("weight_sync"):
+                rollout.load_weights(learners.export_weights(weights_dir, step), version=step)
+        # A rank died (RayActorError), or a survivor failed in a collective with it (RayTaskError):
+        # FSDP cannot go on with a rank missing, so the whole group restarts from the last checkpoint.
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+            restarts += 1
+            if restarts > cfg.checkpoint.max_learner_restarts:
+                raise RuntimeError(f"a learner rank died {restarts} times; resume later from {checkpoints.latest()}") from err
+            log.say(f"learner rank died at step {step} ({type(err).__name__}); restarting the learner group "
+                    f"from {checkpoints.latest() or 'the initial model'} ({restarts}/{cfg.checkpoint.max_learner_restarts})")
+            restart_started = time.perf_counter()
+            learners.shutdown()
+            learners = LearnerGroup(cfg, model_path)
+            latest = checkpoints.latest()
+            truncate_metrics(run_dir / "metrics.jsonl", after_step=step_of(latest))
+            step, sampler, _ = restore(latest)
+            if latest is None:
+                rollout.load_weights(learners.export_weights(weights_dir, 0), version=0)
+            restart_s = time.perf_counter() - restart_started
+            log.log(step, {"learner/restarts": float(restarts), "learner/restart_s": restart_s})
+            log.say(f"learner group restarted in {restart_s:.1f} s; continuing after step {step}")
+            continue
         step_s = time.perf_counter() - started
         log.log(step, {**rollout_stats(flat, groups, cfg), **teacher_stats, **learn_stats, **timer.seconds, "time/step_s": step_s,
                        "throughput/tokens_per_s": learn_stats["learn/response_tokens"] / step_s})
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != cfg.steps:
             evaluate(step)
+        if checkpoints.due(step):
+            path, seconds = checkpoints.save(step, learners, {"step": step, "sampler": sampler.state(), "before": before})
+            log.log(step, {"checkpoint/seconds": seconds, "checkpoint/bytes": float(size_bytes(path))})
     after = evaluate(cfg.steps) if cfg.steps else before
+    if cfg.checkpoint.export_hf:
+        export_hf(learners, model_path, run_dir / "final_model")
     log.close()
     log.say("held-out success  " + "  ".join(f"{k.split('/')[1]}: {before[k]:.3f} -> {after[k]:.3f}" for k in before))
     learners.shutdown()
     rollout.shutdown()
     if started_ray:
-        import ray
-
         ray.shutdown()
     return {"before": before, "after": after, "run_dir": str(run_dir)}
+
+
+def export_hf(learners: LearnerGroup, model_path: str, directory: Path) -> None:
+    """The policy as a Hugging Face folder (weights, config, tokenizer): from_pretrained and vLLM load it."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    learners.export_hf(str(directory))
+    AutoConfig.from_pretrained(model_path).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(directory)
+    generation = Path(model_path) / "generation_config.json"
+    if generation.exists():
+        shutil.copy(generation, directory / generation.name)
 
 
 def rollout_stats(verdicts, groups, cfg: Config) -> dict[str, float]:
@@ -104,12 +162,22 @@ def rollout_stats(verdicts, groups, cfg: Config) -> dict[str, float]:
 
 
 class PromptSampler:
-    """Shuffled passes over the training tasks, reproducible from the seed."""
+    """Shuffled passes over the training tasks, reproducible from the seed and resumable."""
 
     def __init__(self, tasks: list[Task], seed: int):
         if not tasks:
             raise ValueError("the environment returned no training tasks")
         self.tasks, self.rng, self.order = tasks, random.Random(seed), []
+
+    def state(self) -> dict:
+        return {"rng": self.rng.getstate(), "order": list(self.order), "num_tasks": len(self.tasks)}
+
+    def load_state(self, state: dict) -> None:
+        if state["num_tasks"] != len(self.tasks):
+            raise ValueError(f"the checkpoint was taken with {state['num_tasks']} training tasks, the environment now "
+                             f"has {len(self.tasks)}: resume needs the same data (or checkpoint.resume=never)")
+        self.rng.setstate(state["rng"])
+        self.order = list(state["order"])
 
     def next(self, count: int) -> list[Task]:
         batch = []

@@ -24,7 +24,7 @@ class LearnerGroup:
         shards = balance(samples, len(self.workers))
         totals = Totals(sequences=len(samples), sd_tokens=sum(len(s.response_ids) for s in samples if s.sd_mask),
                         all_tokens=sum(len(s.response_ids) for s in samples))
-        results = ray.get([w.train_step.remote(shard, totals) for w, shard in zip(self.workers, shards)])
+        results = _get_all([w.train_step.remote(shard, totals) for w, shard in zip(self.workers, shards)])
         tokens = sum(r["tokens"] for r in results)
         extra = {f"learn/{k}": sum(r[k] for r in results) for k in ("sd_loss", "pg_loss") if k in results[0]}
         if "clip_frac" in results[0]:
@@ -41,13 +41,34 @@ class LearnerGroup:
         }
 
     def export_weights(self, directory: str, version: int, teacher: bool = False) -> str:
-        paths = ray.get([w.export_weights.remote(directory, version, teacher) for w in self.workers])
+        paths = _get_all([w.export_weights.remote(directory, version, teacher) for w in self.workers])
         return paths[0]
 
-    def shutdown(self) -> None:
-        ray.get([w.shutdown.remote() for w in self.workers])
+    def save_checkpoint(self, directory: str) -> None:
+        _get_all([w.save_checkpoint.remote(directory) for w in self.workers])
+
+    def load_checkpoint(self, directory: str) -> None:
+        _get_all([w.load_checkpoint.remote(directory) for w in self.workers])
+
+    def export_hf(self, directory: str) -> None:
+        _get_all([w.export_hf.remote(directory) for w in self.workers])
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Leave the process group cleanly when every rank can, then kill the actors regardless
+        (after a rank died, the others may be stuck in a collective that will never finish)."""
+        ray.wait([w.shutdown.remote() for w in self.workers], num_returns=len(self.workers), timeout=timeout_s)
         for w in self.workers:
             ray.kill(w)
+
+
+def _get_all(refs: list) -> list:
+    """ray.get for a collective call: raises as soon as any rank fails, instead of waiting on
+    ranks that block forever in a collective with the dead one."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)  # raises RayActorError / RayTaskError for a dead or failed rank
+    return ray.get(refs)
 
 
 def balance(samples: list[TrainSample], ranks: int) -> list[list[TrainSample]]:

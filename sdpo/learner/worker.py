@@ -10,7 +10,10 @@ import socket
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -19,7 +22,7 @@ from sdpo.config import Config
 from sdpo.learner.model import load_causal_lm, pick_attention, response_logits, shard
 from sdpo.learner.objective import MicroBatch, Totals, micro_batch_loss
 from sdpo.loss import gather_entropy_threshold, token_entropy, token_logprobs, top_entropy_mask
-from sdpo.rollout.weights import write_weights
+from sdpo.rollout.weights import _savable, write_weights
 
 
 class LearnerWorker:
@@ -168,6 +171,40 @@ class LearnerWorker:
         path = write_weights(state, directory, version) if self.rank == 0 else None
         dist.barrier()
         return path
+
+    def save_checkpoint(self, directory: str) -> None:
+        """Sharded student, optimizer and teacher through torch.distributed.checkpoint (each rank
+        writes its own shards, nothing is gathered); scheduler and RNG states per rank."""
+        dcp.save(self._checkpoint_state(), checkpoint_id=os.path.join(directory, "learner"))
+        torch.save({"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state()},
+                   os.path.join(directory, f"rank{self.rank}.pt"))
+        dist.barrier()
+
+    def load_checkpoint(self, directory: str) -> None:
+        state = self._checkpoint_state()
+        dcp.load(state, checkpoint_id=os.path.join(directory, "learner"))
+        set_state_dict(self.student, self.optimizer, model_state_dict=state["student"], optim_state_dict=state["optimizer"])
+        if self.teacher is not None:
+            set_model_state_dict(self.teacher, state["teacher"])
+        extra = torch.load(os.path.join(directory, f"rank{self.rank}.pt"), weights_only=False)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["rng"])
+        dist.barrier()
+
+    def _checkpoint_state(self) -> dict:
+        student, optimizer = get_state_dict(self.student, self.optimizer)
+        state = {"student": student, "optimizer": optimizer}
+        if self.teacher is not None:  # the EMA teacher is state too: a resume must not reset it
+            state["teacher"] = get_model_state_dict(self.teacher)
+        return state
+
+    def export_hf(self, directory: str) -> None:
+        """The student's full weights as ``model.safetensors`` in ``directory`` (rank 0 writes)."""
+        state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank == 0:
+            os.makedirs(directory, exist_ok=True)
+            save_file(_savable(state), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+        dist.barrier()
 
     def shutdown(self) -> None:
         if dist.is_initialized():

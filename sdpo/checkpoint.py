@@ -1,0 +1,108 @@
+"""Checkpoints on disk: layout, atomic commit, retention, and finding the newest one to resume.
+
+    RUN_DIR/checkpoints/step_000040/
+        learner/           torch.distributed.checkpoint shards: student, optimizer, EMA teacher
+        rank0.pt ...       per-rank scheduler and RNG states
+        driver.pt          step, prompt sampler, RNG, the held-out success before training
+        config.yaml        the run's config, for reference
+        COMPLETE           written last: a directory without it is not a checkpoint
+
+Everything is written into ``.tmp-step_000040`` and renamed into place at the end, so a run
+killed while saving leaves either the whole checkpoint or none (the next save removes the debris).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdpo.config import Config
+from sdpo.recipe import to_yaml
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class Checkpoints:
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg = cfg
+        self.root = run_dir / "checkpoints"
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.checkpoint.every_steps
+        return step == self.cfg.steps or bool(every and step % every == 0)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None."""
+        if not self.root.is_dir():
+            return None
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "COMPLETE").exists()]
+        return max(found)[1] if found else None
+
+    def save(self, step: int, learners: Any, driver_state: dict[str, Any]) -> tuple[Path, float]:
+        """Writes checkpoint ``step`` whole or not at all; returns its path and the seconds it took."""
+        started = time.perf_counter()
+        final = self.root / f"step_{step:06d}"
+        tmp = self.root / f".tmp-step_{step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        learners.save_checkpoint(str(tmp))
+        torch.save(driver_state, tmp / "driver.pt")
+        (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+        (tmp / "COMPLETE").write_text(f"step {step}\n")
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        self._prune()
+        return final, time.perf_counter() - started
+
+    def load_driver_state(self, path: Path) -> dict[str, Any]:
+        # Our own file, holding Python RNG state: weights_only=False is needed and safe here.
+        return torch.load(path / "driver.pt", weights_only=False)
+
+    def _prune(self) -> None:
+        keep = self.cfg.checkpoint.keep_last
+        complete = sorted((int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)))
+        for _, path in complete[:-keep] if keep else []:
+            shutil.rmtree(path, ignore_errors=True)
+        for debris in self.root.glob(".tmp-step_*"):
+            shutil.rmtree(debris, ignore_errors=True)
+
+
+def step_of(checkpoint: Path | None) -> int:
+    return int(_STEP_DIR.match(checkpoint.name).group(1)) if checkpoint is not None else 0
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop metric rows past ``after_step``: a resumed run replays those steps and logs them again.
+    In place (not write-and-rename), so a logger holding the file open in append mode keeps
+    writing to it."""
+    if not path.exists():
+        return
+    import json
+
+    with path.open("r+") as f:
+        offset = 0
+        for line in iter(f.readline, ""):
+            if line.strip() and json.loads(line)["step"] > after_step:
+                break
+            offset = f.tell()
+        f.truncate(offset)
+
+
+def size_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
