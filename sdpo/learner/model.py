@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
 
@@ -45,18 +46,48 @@ def shard(model: torch.nn.Module, mesh: DeviceMesh, mixed_precision: str, *, no_
     return model
 
 
-def response_logits(model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Logits that predict each response token, for a micro-batch: (sum of response lengths, V).
-
-    Sequences are right-padded, so causal attention never sees the padding before a real token.
-    """
-    lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
-    width = max(lengths)
+def _padded_batch(prompts: list[list[int]], responses: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Right-padded, so causal attention never sees the padding before a real token.
+    width = max(len(p) + len(r) for p, r in zip(prompts, responses))
     input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
     attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
     for row, (p, r) in enumerate(zip(prompts, responses)):
         input_ids[row, : len(p) + len(r)] = torch.tensor(p + r)
         attention_mask[row, : len(p) + len(r)] = 1
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
-    # Position t predicts token t+1: the response's logits start one before it.
-    return torch.cat([logits[row, len(p) - 1 : len(p) + len(r) - 1] for row, (p, r) in enumerate(zip(prompts, responses))])
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def _response_rows(per_position: torch.Tensor, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+    # Position t predicts token t+1: a response's predictions start one before it.
+    return torch.cat([per_position[row, len(p) - 1 : len(p) + len(r) - 1] for row, (p, r) in enumerate(zip(prompts, responses))])
+
+
+def response_logits(model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], device: torch.device) -> torch.Tensor:
+    """Logits that predict each response token, for a micro-batch: (sum of response lengths, V)."""
+    input_ids, attention_mask = _padded_batch(prompts, responses, device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return _response_rows(logits, prompts, responses)
+
+
+def response_hidden(model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], device: torch.device) -> torch.Tensor:
+    """The final hidden states (after the last norm) that predict each response token: (N, H).
+
+    Runs the whole model through its root forward, so FSDP gathers and frees parameters as usual,
+    but asks for the logits of one position only: the (N, V) logits are left to the chunked loss.
+    """
+    captured = []
+    hook = model.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
+    try:
+        input_ids, attention_mask = _padded_batch(prompts, responses, device)
+        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return _response_rows(captured[0], prompts, responses)
+
+
+def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
+    """The output projection (V, H), whole. The student's root stays gathered between its forward
+    and backward, so this is FSDP's unsharded parameter and its gradient flows back through FSDP;
+    a resharded (teacher) weight is gathered here."""
+    weight = model.get_output_embeddings().weight
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight

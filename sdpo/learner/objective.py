@@ -1,6 +1,6 @@
 """One micro-batch's share of the training loss, for every objective (SDPO, GRPO, hybrid).
 
-Tensors and a LossConfig in, a scalar out. The teacher's logits arrive precomputed (the worker
+Tensors and a LossConfig in, a scalar out. The teacher's scores arrive precomputed (the worker
 decides whose weights produce them); nothing here knows about models or environments.
 """
 
@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from sdpo.config import LossConfig
+from sdpo.chunked_loss import chunked_divergence, chunked_logp_entropy, chunked_token_logprobs
 from sdpo.loss import (aggregate, divergence_per_token, off_policy_is_weights, ppo_clip_per_token, rollout_is_weights,
-                       token_level_distillation, token_logprobs)
+                       token_entropy, token_level_distillation, token_logprobs)
 
 
 @dataclass
@@ -24,6 +25,35 @@ class Totals:
     sequences: int  # all sequences of the batch
     sd_tokens: int  # response tokens of sequences with a teacher signal (sd_mask = 1)
     all_tokens: int  # all response tokens
+
+
+@dataclass
+class Scores:
+    """A model's predictions at the response positions: full logits (N, V), or, for the memory-lean
+    path, the final hidden states (N, H) and the LM-head weight (V, H), turned into logits
+    ``chunk_tokens`` rows at a time and never all at once."""
+
+    logits: Tensor | None = None
+    hidden: Tensor | None = None
+    weight: Tensor | None = None
+    chunk_tokens: int = 0
+
+    def token_logprobs(self, ids: Tensor) -> Tensor:
+        if self.logits is not None:
+            return token_logprobs(self.logits, ids)
+        return chunked_token_logprobs(self.hidden, self.weight, ids, chunk_tokens=self.chunk_tokens)
+
+    def divergence(self, teacher: "Scores", cfg: LossConfig) -> Tensor:
+        if self.logits is not None:
+            return divergence_per_token(self.logits, teacher.logits, alpha=cfg.alpha, topk=cfg.topk, add_tail=cfg.add_tail)
+        return chunked_divergence(self.hidden, teacher.hidden, self.weight, teacher.weight, alpha=cfg.alpha, topk=cfg.topk,
+                                  add_tail=cfg.add_tail, chunk_tokens=self.chunk_tokens).per_token
+
+    @torch.no_grad()
+    def entropy(self) -> Tensor:
+        if self.logits is not None:
+            return token_entropy(self.logits)
+        return chunked_logp_entropy(self.hidden, self.weight, None, chunk_tokens=self.chunk_tokens)[1]
 
 
 @dataclass
@@ -37,8 +67,8 @@ class MicroBatch:
 
 def micro_batch_loss(
     cfg: LossConfig,
-    student_logits: Tensor,
-    teacher_logits: Tensor | None,
+    student: Scores,
+    teacher: Scores | None,
     mb: MicroBatch,
     old_logp: Tensor | None,
     totals: Totals,
@@ -48,18 +78,20 @@ def micro_batch_loss(
     each sampled token before this batch's first update; None means this is that first update, so
     the current forward's own detached log-probs are the old ones (on-policy: ratio exactly 1).
     ``token_mask`` (N,) zeroes distillation on tokens outside the top entropy quantile."""
-    student_logp = token_logprobs(student_logits, mb.sampled)
+    student_logp = student.token_logprobs(mb.sampled)
     old = student_logp.detach() if old_logp is None else old_logp
     # Truncated IS against the engine's numerics, from the learner's pre-update log-probs (SPEC §4).
     tis = rollout_is_weights(old, mb.rollout_logp, cfg.rollout_is_cap) if cfg.rollout_is else torch.ones_like(old)
-    loss = student_logits.new_zeros((), dtype=torch.float32)
+    loss = student_logp.new_zeros((), dtype=torch.float32)
     stats = {"logp_gap_abs": (old - mb.rollout_logp).abs().sum().item(), "is_weight": tis.sum().item()}
 
     if cfg.objective in ("sdpo", "hybrid"):
         if cfg.full_logit_distillation:
-            per_token = divergence_per_token(student_logits, teacher_logits, alpha=cfg.alpha, topk=cfg.topk, add_tail=cfg.add_tail)
+            per_token = student.divergence(teacher, cfg)
         else:
-            per_token = token_level_distillation(student_logp, token_logprobs(teacher_logits, mb.sampled), alpha=cfg.alpha)
+            with torch.no_grad():
+                teacher_logp = teacher.token_logprobs(mb.sampled)
+            per_token = token_level_distillation(student_logp, teacher_logp, alpha=cfg.alpha)
         weight = tis
         if old_logp is not None and cfg.is_clip is not None:
             # Several updates share one generation batch: reweight toward the current policy.

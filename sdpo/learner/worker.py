@@ -19,9 +19,9 @@ from torch.distributed.tensor import DTensor
 
 from sdpo.batch import TrainSample
 from sdpo.config import Config
-from sdpo.learner.model import load_causal_lm, pick_attention, response_logits, shard
-from sdpo.learner.objective import MicroBatch, Totals, micro_batch_loss
-from sdpo.loss import gather_entropy_threshold, token_entropy, token_logprobs, top_entropy_mask
+from sdpo.learner.model import lm_head_weight, load_causal_lm, pick_attention, response_hidden, response_logits, shard
+from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
+from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.rollout.weights import _savable, write_weights
 
 
@@ -75,20 +75,31 @@ class LearnerWorker:
         teacher.requires_grad_(False)
         return shard(teacher.to(self.device), mesh, self.cfg.learner.mixed_precision, no_grad=True).eval()
 
+    def _scores(self, model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]]) -> Scores:
+        chunk = self.cfg.loss.chunk_tokens
+        if not chunk:
+            return Scores(logits=response_logits(model, prompts, responses, self.device))
+        return Scores(hidden=response_hidden(model, prompts, responses, self.device), weight=lm_head_weight(model), chunk_tokens=chunk)
+
     @torch.no_grad()
-    def _teacher_logits(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor | None:
+    def _teacher_scores(self, prompts: list[list[int]], responses: list[list[int]]) -> Scores | None:
         kind = self.cfg.teacher.kind
         if self.cfg.loss.objective == "grpo":
             return None
         if kind == "live":
-            return response_logits(self.student, prompts, responses, self.device)
-        logits = response_logits(self.teacher, prompts, responses, self.device)
+            return self._scores(self.student, prompts, responses)
+        scores = self._scores(self.teacher, prompts, responses)
         if kind == "trust_region":
             # Interpolate logits between the initial model and the current policy, both on the
             # teacher context: the teacher can move only as far as the rate lets it.
             rate = self.cfg.teacher.update_rate
-            logits = torch.lerp(logits.float(), response_logits(self.student, prompts, responses, self.device).float(), rate)
-        return logits
+            live = self._scores(self.student, prompts, responses)
+            if scores.logits is not None:
+                return Scores(logits=torch.lerp(scores.logits.float(), live.logits.float(), rate))
+            # (1-r) W0 h0 + r W1 h1 = [(1-r) h0, r h1] @ [W0, W1]^T: still one chunkable projection.
+            return Scores(hidden=torch.cat([(1 - rate) * scores.hidden.float(), rate * live.hidden.float()], dim=-1),
+                          weight=torch.cat([scores.weight.float(), live.weight.float()], dim=-1), chunk_tokens=scores.chunk_tokens)
+        return scores
 
     def train_step(self, samples: list[TrainSample], totals: Totals) -> dict[str, float]:
         """``updates_per_batch`` optimizer steps on this rank's share of the batch; returns sums
@@ -104,13 +115,14 @@ class LearnerWorker:
         for update in range(updates):
             for m, micro in enumerate(micros):
                 responses = [s.response_ids for s in micro]
-                teacher_logits = self._teacher_logits([s.teacher_prompt_ids for s in micro], responses)
-                student_logits = response_logits(self.student, [s.prompt_ids for s in micro], responses, self.device)
+                teacher = self._teacher_scores([s.teacher_prompt_ids for s in micro], responses)
+                student = self._scores(self.student, [s.prompt_ids for s in micro], responses)
                 mb = self._tensors(micro)
-                loss, stats = micro_batch_loss(cfg.loss, student_logits, teacher_logits, mb, old_logps[m], totals, masks[m])
+                loss, stats = micro_batch_loss(cfg.loss, student, teacher, mb, old_logps[m], totals, masks[m])
                 if update == 0 and updates > 1:
                     # Later updates measure how far the policy moved from these, the pre-update log-probs.
-                    old_logps[m] = token_logprobs(student_logits.detach(), mb.sampled)
+                    with torch.no_grad():
+                        old_logps[m] = student.token_logprobs(mb.sampled)
                 # `micro_batch_loss` divides by batch-wide totals; FSDP averages gradients over
                 # ranks, so scaling by the world size makes the result a sum over ranks.
                 (loss * self.world_size).backward()
@@ -135,10 +147,8 @@ class LearnerWorker:
         """Masks keeping the response tokens whose student entropy is in the batch's top
         ``top_entropy_quantile``: one no-grad pass, entropies gathered over all ranks so that the
         threshold is the whole batch's, however it is split."""
-        entropies = []
-        for micro in micros:
-            logits = response_logits(self.student, [s.prompt_ids for s in micro], [s.response_ids for s in micro], self.device)
-            entropies.append(token_entropy(logits))
+        entropies = [self._scores(self.student, [s.prompt_ids for s in micro], [s.response_ids for s in micro]).entropy()
+                     for micro in micros]
         threshold = gather_entropy_threshold(torch.cat(entropies), self.cfg.loss.top_entropy_quantile)
         return [top_entropy_mask(e, threshold) for e in entropies]
 
