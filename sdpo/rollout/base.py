@@ -24,6 +24,9 @@ class Completion:
     token_ids: list[int]  # exactly the sampled ids, including the stop token if one was sampled
     logprobs: list[float]  # log-prob of each sampled token (see the module docstring)
     finish_reason: str  # "stop" (a stop token was sampled; it is the last id) or "length"
+    # The weights that sampled it: the `version` of the last weight load (0 = the checkpoint at
+    # start-up). Stamped by the rollout worker; -1 from a bare engine, which does not know versions.
+    policy_version: int = -1
 
 
 class RolloutEngine(abc.ABC):
@@ -55,6 +58,36 @@ class RolloutEngine(abc.ABC):
     def load_weights(self, path: str) -> None:
         """Replace the weights with those in a safetensors file holding the full HF-named state dict."""
 
+    # Bucketed weight updates (transports/): begin, any number of buckets, finish. A bucket arrives
+    # as a handle (CUDA IPC or a shared-memory file) and JSON metadata; see transports/handles.py.
+    def begin_weight_update(self) -> None:
+        raise NotImplementedError(f"the {self.kind} engine has no bucketed weight updates: use rollout.weight_sync=shm")
+
+    def load_weight_bucket(self, handle: dict, metas_json: list) -> None:
+        raise NotImplementedError(f"the {self.kind} engine has no bucketed weight updates: use rollout.weight_sync=shm")
+
+    def finish_weight_update(self) -> None:
+        raise NotImplementedError(f"the {self.kind} engine has no bucketed weight updates: use rollout.weight_sync=shm")
+
+    # Broadcast weight updates (transports/broadcast.py): join the group once, then receive per sync.
+    def join_weight_group(self, backend: str, master_addr: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        raise NotImplementedError(f"the {self.kind} engine cannot join a weight broadcast group: use rollout.weight_sync=shm")
+
+    def receive_weights(self) -> None:
+        raise NotImplementedError(f"the {self.kind} engine cannot join a weight broadcast group: use rollout.weight_sync=shm")
+
+    @property
+    def workers(self) -> int:
+        """Processes that receive broadcast weights (tensor-parallel ranks); 1 unless sharded."""
+        return 1
+
+    # Colocated placement: free GPU memory while the learner trains. No-ops where nothing is held.
+    def sleep(self, level: int = 2) -> None:
+        """level 1: weights to CPU, KV cache dropped; level 2: both dropped (a sync follows)."""
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """tags: "weights" then "kv_cache" (the documented order around a weight load); None: all."""
+
     def close(self) -> None:
         """Release the engine's resources (processes, process groups). Optional to call."""
 
@@ -75,8 +108,10 @@ def make_engine(
     kv_cache_gib: float = 1.0,
     seed: int = 0,
     max_model_len: int = 2048,
+    enable_sleep_mode: bool = False,
 ) -> RolloutEngine:
-    """Build a rollout engine. kind: "vllm", "hf", or "auto" (vLLM if it imports, else HF)."""
+    """Build a rollout engine. kind: "vllm", "hf", or "auto" (vLLM if it imports, else HF).
+    enable_sleep_mode: vLLM on CUDA only (colocated placement); ignored elsewhere."""
     if kind not in ENGINE_KINDS:
         raise ValueError(f"rollout engine kind must be one of {ENGINE_KINDS}, got {kind!r}")
     if kind == "auto":
@@ -85,7 +120,8 @@ def make_engine(
         from sdpo.rollout.vllm_engine import VLLMEngine
 
         return VLLMEngine(
-            model_path, dtype=dtype, kv_cache_gib=kv_cache_gib, seed=seed, max_model_len=max_model_len
+            model_path, dtype=dtype, kv_cache_gib=kv_cache_gib, seed=seed, max_model_len=max_model_len,
+            enable_sleep_mode=enable_sleep_mode,
         )
     from sdpo.rollout.hf_engine import HFEngine
 

@@ -151,6 +151,45 @@ class HFEngine(RolloutEngine):
                 scores[i] = lp.gather(-1, target).squeeze(-1).tolist()
         return scores
 
+    # Bucketed and broadcast updates copy tensor by tensor into the live parameters: an HF model
+    # needs no post-processing, so there is nothing to defer to the end.
+    def begin_weight_update(self) -> None:
+        self._pending = {name for name in self.model.state_dict() if not self._tied_head(name)}
+
+    def load_weight_bucket(self, handle: dict, metas_json: list) -> None:
+        from sdpo.rollout.transports.handles import open_named
+
+        self._copy_in(open_named(handle, metas_json, self.device))
+
+    def finish_weight_update(self) -> None:
+        missing, self._pending = sorted(getattr(self, "_pending", set())), set()
+        if missing:
+            raise ValueError(f"weight update ended without {len(missing)} tensors, e.g. {missing[:3]}")
+
+    def join_weight_group(self, backend, master_addr, master_port, rank_offset, world_size) -> None:
+        from sdpo.rollout.transports.broadcast import join_weight_group
+
+        self._group = join_weight_group(backend, master_addr, master_port, rank_offset, world_size, device=self.device)
+
+    def receive_weights(self) -> None:
+        from sdpo.rollout.transports.broadcast import receive_weights
+
+        self.begin_weight_update()
+        self._copy_in(receive_weights(self._group))
+        self.finish_weight_update()
+
+    @torch.no_grad()
+    def _copy_in(self, named_tensors) -> None:
+        state = self.model.state_dict()  # shares storage with the parameters
+        for name, tensor in named_tensors:
+            if name not in state:
+                raise ValueError(f"weight update names {name!r}, which the model does not have")
+            state[name].copy_(tensor)
+            self._pending.discard(name)
+
+    def _tied_head(self, name: str) -> bool:
+        return bool(self.model.config.tie_word_embeddings) and name.endswith("lm_head.weight")
+
     def load_weights(self, path: str) -> None:
         state = load_file(path, device=str(self.device))
         # strict: a missing or misnamed tensor must fail loudly, not leave stale weights behind.

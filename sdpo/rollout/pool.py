@@ -1,40 +1,199 @@
-"""R rollout replicas as one object for the driver: prompts split evenly, results in order."""
+"""R rollout replicas as one object for the driver.
+
+- Prompts are balanced across replicas by count and by expected tokens, and the results come back
+  in prompt order.
+- Every completion carries the policy version of the weights that sampled it.
+- A replica that dies (its process crashed, it was killed) is replaced by a new actor that reloads
+  the last weights, and its share of the call is retried with the same seed, so the call returns
+  what it would have returned. At most `rollout.max_replica_restarts` replacements per run.
+- `sync_weights` moves new weights by the configured transport (see transports/__init__.py).
+"""
 
 from __future__ import annotations
 
+import time
+
 import ray
+from ray.exceptions import RayActorError
 
 from sdpo.config import Config
 from sdpo.rollout.base import Completion
+from sdpo.rollout.transports import resolve_weight_sync
 from sdpo.rollout.worker import RolloutWorker
+
+_REPLICA_SEED_STRIDE = 7919  # replica i samples with seed + i * stride: replicas never share streams
 
 
 class RolloutPool:
-    def __init__(self, cfg: Config, model_path: str):
+    def __init__(self, cfg: Config, model_path: str, placement_group=None):
+        """placement_group: colocated GPUs only; replica i is placed in bundle i, which the learner
+        group must share (so that replica i and learner rank i see the same GPU)."""
+        self.cfg, self.model_path, self.placement_group = cfg, model_path, placement_group
         r = cfg.rollout
-        opts = dict(num_cpus=r.num_cpus_per_replica, num_gpus=r.num_gpus_per_replica)
-        self.workers = [
-            RolloutWorker.options(**opts).remote(r.engine, model_path, r.dtype, r.kv_cache_gib, cfg.seed + i, r.torch_threads_per_replica)
-            for i in range(r.replicas)
-        ]
-        self.engine_kind = ray.get(self.workers[0].engine_kind.remote())
+        self.transport = resolve_weight_sync(r.weight_sync, r.placement, cfg.device)
+        self.bucket_bytes = r.weight_sync_bucket_mib * 2**20
+        self.version = 0  # the policy version every replica holds
+        self.restarts = 0
+        self._last_weights: str | None = None  # the newest weight file: what a replacement reloads
+        self._export = None  # (learners, directory): to write a file for a replacement (nccl / cuda_ipc)
+        self._group_ready = False
+        self._response_tokens_mean: float | None = None  # measured, for balancing the next call
+        self.workers = [self._start(i) for i in range(r.replicas)]
+        kinds = ray.get([w.engine_kind.remote() for w in self.workers])  # also waits for every start-up
+        self.engine_kind = kinds[0]
 
+    def _start(self, index: int):
+        r = self.cfg.rollout
+        opts: dict = dict(num_cpus=r.num_cpus_per_replica, num_gpus=r.num_gpus_per_replica)
+        if self.placement_group is not None:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self.placement_group, placement_group_bundle_index=index % self.placement_group.bundle_count)
+        sleep_mode = self.cfg.device == "cuda" and r.placement == "colocated"
+        return RolloutWorker.options(**opts).remote(r.engine, self.model_path, r.dtype, r.kv_cache_gib,
+                                                    self.cfg.seed + index, r.torch_threads_per_replica,
+                                                    enable_sleep_mode=sleep_mode)
+
+    # ---- generation --------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
                  max_new_tokens: int, stop_token_ids: list[int], seed: int) -> list[list[Completion]]:
-        size, extra = divmod(len(prompts), len(self.workers))
-        refs, start = [], 0
-        for i, worker in enumerate(self.workers):
-            end = start + size + (i < extra)
-            if end > start:
-                refs.append(worker.generate.remote(prompts[start:end], n=n, temperature=temperature, top_p=top_p,
-                                                   max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids, seed=seed + 7919 * i))
-            start = end
-        return [group for part in ray.get(refs) for group in part]
+        expected = self._response_tokens_mean if self._response_tokens_mean is not None else max_new_tokens
+        shares = balance(prompts, len(self.workers), n, min(expected, max_new_tokens))
+        kwargs = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                      stop_token_ids=stop_token_ids)
 
+        def submit(i: int):
+            return self.workers[i].generate.remote([prompts[j] for j in shares[i]], seed=seed + _REPLICA_SEED_STRIDE * i, **kwargs)
+
+        refs = {i: submit(i) for i, share in enumerate(shares) if share}
+        results: list[list[Completion] | None] = [None] * len(prompts)
+        while refs:
+            i, ref = next(iter(refs.items()))
+            try:
+                groups = ray.get(ref)
+            except RayActorError as error:  # the replica's process is gone; an error inside generate is not this
+                self._replace(i, error)
+                refs[i] = submit(i)
+                continue
+            del refs[i]
+            for j, group in zip(shares[i], groups):
+                results[j] = group
+        lengths = [len(c.token_ids) for g in results for c in g]  # type: ignore[union-attr]
+        if lengths:
+            self._response_tokens_mean = sum(lengths) / len(lengths)
+        return results  # type: ignore[return-value]
+
+    def _replace(self, index: int, error: Exception) -> None:
+        if self.restarts >= self.cfg.rollout.max_replica_restarts:
+            raise RuntimeError(f"rollout replica {index} died and rollout.max_replica_restarts="
+                               f"{self.cfg.rollout.max_replica_restarts} replacements are used up") from error
+        self.restarts += 1
+        started = time.perf_counter()
+        ray.kill(self.workers[index], no_restart=True)  # in case it hangs rather than died
+        self.workers[index] = worker = self._start(index)
+        path = self._last_weights
+        if self.version and (path is None or self.transport != "shm") and self._export is not None:
+            learners, directory = self._export  # GPU transports keep no file: have the learners write one
+            path = self._last_weights = learners.export_weights(directory, self.version)
+        if self.version:
+            ray.get(worker.load_weights.remote(path, self.version))
+        else:
+            ray.get(worker.engine_kind.remote())  # wait for start-up: it has the checkpoint's weights
+        self._group_ready = False  # a broadcast group that held the dead replica must be rebuilt
+        print(f"[sdpo] rollout replica {index} died ({type(error).__name__}); replaced in "
+              f"{time.perf_counter() - started:.1f} s with policy v{self.version} "
+              f"({self.restarts}/{self.cfg.rollout.max_replica_restarts} replacements used)", flush=True)
+
+    # ---- weights -----------------------------------------------------------------------------
     def load_weights(self, path: str, version: int) -> None:
-        # Every replica reads the same file: the learner wrote it once, nothing passes the driver.
-        ray.get([w.load_weights.remote(path, version) for w in self.workers])
+        """Transport shm: every replica reads the file the learner wrote once; only the path
+        passes the driver."""
+        # first: a replica replaced during this call must come back with these weights
+        self._last_weights, self.version = path, version
+        self._call_all("load_weights", path, version)
+
+    def sync_weights(self, learners, version: int, directory: str) -> dict[str, float]:
+        """Move the learners' current weights to every replica by this pool's transport.
+
+        shm: `learners.export_weights(directory, version)` writes a file, replicas reload it.
+        nccl / cuda_ipc: `learners.push_weights(...)` (every rank calls
+        transports.learner_side.push_weights) while the replicas receive."""
+        self._export = (learners, directory)
+        started = time.perf_counter()
+        if self.transport == "shm":
+            self.load_weights(learners.export_weights(directory, version), version)
+        elif self.transport == "nccl":
+            if not self._group_ready:
+                self._join_group(learners)
+            receiving = [w.receive_weights.remote(version) for w in self.workers]
+            learners.push_weights(self.transport, version, self.bucket_bytes, receivers_by_rank=None)
+            ray.get(receiving)
+            self.version = version
+        else:  # cuda_ipc: the engines slept through training; wake weights, load, wake KV cache
+            self._call_all("wake_up", ["weights"])
+            learners.push_weights(self.transport, version, self.bucket_bytes,
+                                  receivers_by_rank=[self.receivers_for_rank(r, learners.world_size)
+                                                     for r in range(learners.world_size)])
+            self._call_all("wake_up", ["kv_cache"])  # also resets the prefix cache
+            self.version = version
+        return {"weight_sync/seconds": time.perf_counter() - started}
+
+    def prepare_for_training(self) -> None:
+        """Colocated: free the GPU memory the engines hold before the learner trains."""
+        if self.cfg.device == "cuda" and self.cfg.rollout.placement == "colocated":
+            self._call_all("sleep", 2)  # weights too: a full sync follows every step
+
+    def receivers_for_rank(self, rank: int, world_size: int) -> list:
+        """Colocated: replica i shares a GPU with learner rank i % world_size."""
+        return [w for i, w in enumerate(self.workers) if i % world_size == rank]
+
+    def join_weight_group(self, backend: str, master_addr: str, master_port: int) -> tuple[int, list]:
+        """Start every replica joining the broadcast group (rank 0 is the learner's sender).
+        Returns the group's world size and the refs: the sender joins now, then ray.get the refs
+        (the replicas are blocked in the join until it does)."""
+        ranks = ray.get([w.weight_group_ranks.remote() for w in self.workers])
+        world, offset, refs = 1 + sum(ranks), 1, []
+        for w, k in zip(self.workers, ranks):
+            refs.append(w.join_weight_group.remote(backend, master_addr, master_port, offset, world))
+            offset += k
+        return world, refs
+
+    def _join_group(self, learners) -> None:
+        addr, port = learners.weight_group_address()
+        world, refs = self.join_weight_group("nccl", addr, port)
+        learners.join_weight_group("nccl", addr, port, world)
+        ray.get(refs)
+        self._group_ready = True
+
+    def _call_all(self, method: str, *args) -> None:
+        """One call on every replica; a replica that died is replaced (with the current weights,
+        which is what the call would have given it) instead of failing the step."""
+        refs = [getattr(w, method).remote(*args) for w in self.workers]
+        for i, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except RayActorError as error:
+                self._replace(i, error)
+                if method not in ("load_weights",):
+                    ray.get(getattr(self.workers[i], method).remote(*args))
+
+    def versions(self) -> list[int]:
+        return ray.get([w.version.remote() for w in self.workers])
 
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)
+
+
+def balance(prompts: list[list[int]], replicas: int, n: int, response_tokens: float) -> list[list[int]]:
+    """Prompt indices per replica: counts differ by at most one, and expected tokens (the prompt's
+    prefill plus n responses) are evened out by dealing the costliest prompts first in snake order.
+    Each share keeps prompt order (engines batch better with neighbours of similar length)."""
+    cost = [len(p) + n * response_tokens for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -cost[i])
+    shares: list[list[int]] = [[] for _ in range(replicas)]
+    for position, index in enumerate(order):
+        lap, offset = divmod(position, replicas)
+        shares[offset if lap % 2 == 0 else replicas - 1 - offset].append(index)
+    return [sorted(s) for s in shares]

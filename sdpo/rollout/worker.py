@@ -6,9 +6,13 @@ actor form. The caller picks the resources:
     worker = RolloutWorker.options(num_cpus=1).remote("auto", model_path, torch_threads=1)
     groups = ray.get(worker.generate.remote(prompts, n=8, temperature=1.0, top_p=1.0,
                                             max_new_tokens=64, stop_token_ids=[eos], seed=step))
+
+Every completion is stamped with the policy version of the weights that sampled it.
 """
 
 from __future__ import annotations
+
+import os
 
 import ray
 import torch
@@ -26,11 +30,13 @@ class _RolloutWorker:
         seed: int = 0,
         torch_threads: int = 1,
         max_model_len: int = 2048,
+        enable_sleep_mode: bool = False,
     ):
         # before the engine exists: in-process vLLM-CPU uses this process's torch threads
         torch.set_num_threads(torch_threads)
         self._engine = make_engine(
-            kind, model_path, dtype=dtype, kv_cache_gib=kv_cache_gib, seed=seed, max_model_len=max_model_len
+            kind, model_path, dtype=dtype, kv_cache_gib=kv_cache_gib, seed=seed, max_model_len=max_model_len,
+            enable_sleep_mode=enable_sleep_mode,
         )
         self._version = 0  # the weights at model_path
 
@@ -45,7 +51,7 @@ class _RolloutWorker:
         stop_token_ids: list[int],
         seed: int,
     ) -> list[list[Completion]]:
-        return self._engine.generate(
+        groups = self._engine.generate(
             prompts,
             n=n,
             temperature=temperature,
@@ -54,13 +60,44 @@ class _RolloutWorker:
             stop_token_ids=stop_token_ids,
             seed=seed,
         )
+        for group in groups:
+            for c in group:
+                c.policy_version = self._version
+        return groups
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
         return self._engine.score(prompt_ids, response_ids)
 
+    # -- weight sync: (a) a file; (c) buckets by handle; (b) a broadcast group -------------------
     def load_weights(self, path: str, version: int) -> None:
         self._engine.load_weights(path)
         self._version = version
+
+    def begin_weight_update(self) -> None:
+        self._engine.begin_weight_update()
+
+    def load_weight_bucket(self, handle: dict, metas_json: list) -> None:
+        self._engine.load_weight_bucket(handle, metas_json)
+
+    def finish_weight_update(self, version: int) -> None:
+        self._engine.finish_weight_update()
+        self._version = version
+
+    def join_weight_group(self, backend: str, master_addr: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        self._engine.join_weight_group(backend, master_addr, master_port, rank_offset, world_size)
+
+    def receive_weights(self, version: int) -> None:
+        self._engine.receive_weights()
+        self._version = version
+
+    def weight_group_ranks(self) -> int:
+        return self._engine.workers
+
+    def sleep(self, level: int = 2) -> None:
+        self._engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        self._engine.wake_up(tags)
 
     def version(self) -> int:
         """The policy version of the current weights (0 = as loaded from model_path)."""
@@ -68,6 +105,13 @@ class _RolloutWorker:
 
     def engine_kind(self) -> str:
         return self._engine.kind
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def exit_now(self) -> None:
+        """Die without cleanup, as a crashed process would (used to test replica replacement)."""
+        os._exit(1)
 
 
 RolloutWorker = ray.remote(_RolloutWorker)

