@@ -85,7 +85,7 @@ class RolloutConfig(Section):
     max_response_tokens: int = Field(1024, gt=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     kv_cache_gib: float = Field(1.0, gt=0.0)  # vLLM-CPU KV cache (GPU engines size theirs themselves)
-    num_cpus_per_replica: float = Field(0.5, ge=0.0)
+    num_cpus_per_replica: float = Field(0.4, ge=0.0)  # 2 replicas + 2 learner ranks + a verifier fit 2 CPUs
     num_gpus_per_replica: float = Field(0.0, ge=0.0)
     torch_threads_per_replica: int = Field(2, ge=1)
     # GPU only: "colocated" shares each GPU with a learner rank (the engine sleeps while the learner
