@@ -28,6 +28,11 @@ from sdpo.recipe import to_yaml
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission): the run stops, the previous
+    checkpoint is intact, and re-running the same command resumes from it."""
+
+
 class Checkpoints:
     def __init__(self, cfg: Config, run_dir: Path):
         self.cfg = cfg
@@ -39,7 +44,7 @@ class Checkpoints:
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, or None."""
-        if not self.root.is_dir():
+        if not self.root.is_dir():  # (also when something else sits at that path: save() will say so)
             return None
         found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "COMPLETE").exists()]
         return max(found)[1] if found else None
@@ -49,13 +54,23 @@ class Checkpoints:
         started = time.perf_counter()
         final = self.root / f"step_{step:06d}"
         tmp = self.root / f".tmp-step_{step:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        learners.save_checkpoint(str(tmp))
-        torch.save(driver_state, tmp / "driver.pt")
-        (tmp / "config.yaml").write_text(to_yaml(self.cfg))
-        (tmp / "COMPLETE").write_text(f"step {step}\n")
-        _fsync_dir(tmp)
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            learners.save_checkpoint(str(tmp))
+            torch.save(driver_state, tmp / "driver.pt")
+            (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+            (tmp / "COMPLETE").write_text(f"step {step}\n")
+            _fsync_dir(tmp)
+        except Exception as err:
+            # A disk error is an OSError here, or one wrapped in a RayTaskError from a learner rank.
+            if not isinstance(err, OSError) and not isinstance(getattr(err, "cause", None), OSError):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # free what the partial write took
+            raise CheckpointError(
+                f"the checkpoint of step {step} could not be written under {self.root}: {err}. The last complete "
+                f"checkpoint ({self.latest() or 'none yet'}) is intact: free space or fix the directory, then run the "
+                "same command again to resume from it") from err
         shutil.rmtree(final, ignore_errors=True)  # a re-save of the same step after a resume
         os.replace(tmp, final)
         _fsync_dir(self.root)

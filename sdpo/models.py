@@ -21,7 +21,7 @@ def resolve_model_path(path: str) -> str:
     return str(local) if local.is_dir() else path
 
 
-def check_model_path(path: str) -> None:
+def check_model_path(path: str, key: str = "model.path") -> None:
     """Fails, naming model.path and what to fix, when the model cannot be what the user meant: cheap
     (no weights read, no network), so it runs before any actor starts."""
     if path in EMBEDDED:
@@ -29,7 +29,7 @@ def check_model_path(path: str) -> None:
     local = Path(path).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise ValueError(f"model.path={path!r} is a file: give the model's directory (config.json, weights, tokenizer)")
+            raise ValueError(f"{key}={path!r} is a file: give the model's directory (config.json, weights, tokenizer)")
         missing = []
         if not (local / "config.json").is_file():
             missing.append("config.json")
@@ -38,24 +38,24 @@ def check_model_path(path: str) -> None:
         if not any((local / f).is_file() for f in TOKENIZER_FILES):
             missing.append(f"tokenizer ({' or '.join(TOKENIZER_FILES)})")
         if missing:
-            raise ValueError(f"model.path={path!r} is not a Hugging Face model folder: it has no {', no '.join(missing)}. "
+            raise ValueError(f"{key}={path!r} is not a Hugging Face model folder: it has no {', no '.join(missing)}. "
                              "Save one with model.save_pretrained(dir) and tokenizer.save_pretrained(dir)")
         return
     # Hub names are "name" or "org/name"; anything else that does not exist is a local path that is missing.
     if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1 or "\\" in path:
-        raise ValueError(f"model.path={path!r}: no such directory (relative paths start from {os.getcwd()}). "
+        raise ValueError(f"{key}={path!r}: no such directory (relative paths start from {os.getcwd()}). "
                          f"Give a model folder, a hub name like Qwen/Qwen3-8B, or one of: {', '.join(sorted(EMBEDDED))}")
     first = path.split("/")[0]
     if "/" in path and Path(first).expanduser().is_dir():  # "models/mine" with ./models present: a local path
-        raise ValueError(f"model.path={path!r}: no such directory ({first}/ exists in {os.getcwd()}, but not {path})")
+        raise ValueError(f"{key}={path!r}: no such directory ({first}/ exists in {os.getcwd()}, but not {path})")
     close = difflib.get_close_matches(path, EMBEDDED, n=1, cutoff=0.8)
     if close:
-        raise ValueError(f"model.path={path!r} is neither a directory nor an embedded model: did you mean {close[0]!r}?")
+        raise ValueError(f"{key}={path!r} is neither a directory nor an embedded model: did you mean {close[0]!r}?")
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(path, "config.json"), str):
-            raise ValueError(f"model.path={path!r} is not a local directory, and HF_HUB_OFFLINE is set while the hub "
+            raise ValueError(f"{key}={path!r} is not a local directory, and HF_HUB_OFFLINE is set while the hub "
                              "cache holds no copy of it: download it first or give a local model folder")
 
 

@@ -37,9 +37,14 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg))
         print(describe_placement(cfg))
         return 0
+    from sdpo.checkpoint import CheckpointError
     from sdpo.trainer import train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 
@@ -50,6 +55,8 @@ def preflight(cfg: Config) -> None:
 
     check_gpus_locally(cfg)
     check_model_path(cfg.model.path)
+    if cfg.teacher.path is not None:
+        check_model_path(cfg.teacher.path, key="teacher.path")
     check_run_dir(cfg.logging.run_dir, cfg.name)
     if cfg.logging.tensorboard:
         require_tensorboard()

@@ -132,6 +132,7 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
     log.say("held-out success  " + "  ".join(f"{k.split('/')[1]}: {before[k]:.3f} -> {after[k]:.3f}" for k in before))
     learners.shutdown()
     rollout.shutdown()
+    shutil.rmtree(weights_dir, ignore_errors=True)  # RAM in /dev/shm: nothing needs it after the run
     if started_ray:
         ray.shutdown()
     return {"before": before, "after": after, "run_dir": str(run_dir)}

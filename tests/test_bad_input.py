@@ -249,3 +249,9 @@ def test_run_dir_with_an_unknown_placeholder():
 def test_tensorboard_asked_for_but_not_installed():
     assert_rejected(run_cli(QUICKSTART, "logging.tensorboard=true", block="tensorboard"),
                     "logging.tensorboard=true needs the tensorboard package: `pip install tensorboard`")
+
+
+def test_missing_teacher_checkpoint_names_teacher_path(tmp_path):
+    missing = tmp_path / "no-teacher"
+    assert_rejected(run_cli(QUICKSTART, "teacher.kind=checkpoint", f"teacher.path={missing}"),
+                    f"teacher.path={str(missing)!r}: no such directory")

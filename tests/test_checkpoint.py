@@ -113,3 +113,17 @@ def test_killed_learner_rank_is_replaced_from_the_checkpoint(uninterrupted, tmp_
     assert sorted(got) == [1, 2, 3, 4]  # each step logged once: the replayed ones replace nothing twice
     # Restarted from checkpoint 2, steps 3 and 4 are those of the uninterrupted run.
     assert got == training_rows(uninterrupted)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_clearly(tmp_path):
+    """Stands in for a full disk: the checkpoint directory cannot be created (a file is in its way).
+    The run must stop with one line that says what happened and how to resume, not a traceback."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("in the way")
+    cmd = [sys.executable, "-m", "sdpo.run", "recipes/quickstart.yaml", *SMALL, "steps=2", f"logging.run_dir={run_dir}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "error: the checkpoint of step 2 could not be written" in result.stderr
+    assert "run the same command again to resume" in result.stderr
+    assert "Traceback" not in result.stderr
