@@ -48,7 +48,8 @@ def open_bucket(handle: dict, device: torch.device) -> torch.Tensor:
                 f"bucket is on GPU {handle['gpu_uuid']} and this engine on {here}: use rollout.weight_sync=nccl"
             )
         args = list(handle["args"])
-        args[6] = device.index  # the device index as this process numbers it (CUDA_VISIBLE_DEVICES differs)
+        # the device index as this process numbers it (CUDA_VISIBLE_DEVICES may differ from the sender's)
+        args[6] = device.index if device.index is not None else torch.cuda.current_device()
         return rebuild_cuda_tensor(*args).clone()
     if handle["kind"] == "file":
         flat = torch.from_file(handle["path"], shared=False, size=handle["nbytes"], dtype=torch.uint8)
