@@ -41,7 +41,7 @@ class Arithmetic(Environment):
         pairs = split_pairs(split)[: self.limit_per_split]
         return [
             Task(id=f"{split}-{a}+{b}", messages=[{"role": "user", "content": question(a, b)}],
-                 data={"answer": str(a + b)})
+                 data={"answer": str(a + b)}, demonstration=str(a + b))
             for a, b in pairs
         ]
 

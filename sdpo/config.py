@@ -121,8 +121,15 @@ class OptimizerConfig(Section):
 
 class LearnerConfig(Section):
     world_size: int = Field(2, ge=1)  # FSDP2 ranks
-    samples_per_micro_batch: int = Field(8, ge=1)  # per rank
+    samples_per_micro_batch: int = Field(8, ge=1)  # per rank; used when max_tokens_per_micro_batch is None
+    # Padding-free packing: each micro-batch's sequences are concatenated into one row (attention kept
+    # within each sample) and filled up to this many tokens in its longer forward (usually the
+    # teacher's). Micro-batches are balanced over ranks. None: padded micro-batches of
+    # samples_per_micro_batch. A single sample longer than the budget runs alone.
+    max_tokens_per_micro_batch: int | None = Field(None, gt=0)
     mixed_precision: Literal["no", "bf16"] = "no"  # bf16 compute, fp32 master weights and reduction
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~1/3 more compute
+    teacher_offload: bool = False  # keep the teacher's shards in host memory (FSDP2 CPU offload); GPU only
     num_cpus_per_rank: float = Field(0.5, ge=0.0)
     num_gpus_per_rank: float = Field(0.0, ge=0.0)
     torch_threads_per_rank: int = Field(1, ge=1)
@@ -134,6 +141,10 @@ class EvalConfig(Section):
     samples_per_task: int = Field(1, ge=1)
     temperature: float = Field(1.0, ge=0.0)
     greedy: bool = True  # also report greedy (temperature 0) success
+    # Teacher competence (sdpo/probe.py): the teacher answering from its own contexts on held-out tasks.
+    teacher_probe_every_steps: int = Field(0, ge=0)  # 0: off
+    teacher_probe_tasks: int = Field(32, ge=1)
+    teacher_probe_samples: int = Field(4, ge=2)  # student samples per task, so siblings can teach
 
 
 class LoggingConfig(Section):

@@ -21,6 +21,7 @@ from sdpo.env_pool import EnvPool
 from sdpo.learner.group import LearnerGroup
 from sdpo.metrics import PhaseTimer, RunLogger
 from sdpo.models import load_tokenizer, resolve_model_path, stop_token_ids
+from sdpo.probe import probe_teacher
 from sdpo.recipe import to_yaml
 from sdpo.rollout.pool import RolloutPool
 from sdpo.rollout.weights import default_weights_dir
@@ -76,7 +77,11 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
         return state["step"], sampler, state["before"]
 
     step, sampler, before = restore(resume_from)
-    before = before or evaluate(0)
+    probe_tasks = env.tasks(cfg.environment.eval_split)[: cfg.eval.teacher_probe_tasks]
+    if before is None:
+        before = evaluate(0)
+        if cfg.eval.teacher_probe_every_steps:
+            log.log(0, probe_teacher(cfg, probe_tasks, rollout, envs, learners, tokenizer, stops, weights_dir, 0))
     restarts = 0
     while step < cfg.steps:
         step += 1
@@ -122,6 +127,8 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
                        "throughput/tokens_per_s": learn_stats["learn/response_tokens"] / step_s})
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != cfg.steps:
             evaluate(step)
+        if cfg.eval.teacher_probe_every_steps and (step % cfg.eval.teacher_probe_every_steps == 0 or step == cfg.steps):
+            log.log(step, probe_teacher(cfg, probe_tasks, rollout, envs, learners, tokenizer, stops, weights_dir, step))
         if checkpoints.due(step):
             path, seconds = checkpoints.save(step, learners, {"step": step, "sampler": sampler.state(), "before": before})
             log.log(step, {"checkpoint/seconds": seconds, "checkpoint/bytes": float(size_bytes(path))})
@@ -132,7 +139,8 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
     log.say("held-out success  " + "  ".join(f"{k.split('/')[1]}: {before[k]:.3f} -> {after[k]:.3f}" for k in before))
     learners.shutdown()
     rollout.shutdown()
-    shutil.rmtree(weights_dir, ignore_errors=True)  # RAM in /dev/shm: nothing needs it after the run
+    for directory in (weights_dir, weights_dir + "-teacher"):  # RAM in /dev/shm: nothing needs it after the run
+        shutil.rmtree(directory, ignore_errors=True)
     if started_ray:
         ray.shutdown()
     return {"before": before, "after": after, "run_dir": str(run_dir)}

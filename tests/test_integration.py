@@ -20,6 +20,8 @@ def test_two_steps_end_to_end(tmp_path):
         "optimizer.lr=3e-3",
         # Feedback gives every failure a teacher signal, so the loss is never trivially zero.
         "environment.kwargs={feedback: true}",
+        # The teacher-competence probe swaps the teacher's weights into the engine and back.
+        "eval.teacher_probe_every_steps=1", "eval.teacher_probe_tasks=8",
     ])
     result = train(cfg)
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
@@ -34,5 +36,9 @@ def test_two_steps_end_to_end(tmp_path):
     # Step 2's samples came from the engine after the first sync: the engine's log-probs must
     # match the learner's, which moved by a 3e-3 step, to float tolerance.
     assert steps[1]["learn/rollout_logp_gap_abs"] < 1e-3, steps[1]
+    probes = [r for r in rows if "probe/contexts" in r]
+    assert [r["step"] for r in probes] == [0, 1, 2]
+    # 8 tasks x 4 samples; feedback or a demonstration gives every sample a context.
+    assert all(r["probe/contexts"] == 32 and 0 <= r["probe/teacher_success"] <= 1 for r in probes)
     assert set(result["before"]) == {"eval/success_t", "eval/success_greedy"}
     assert all(0 <= v <= 1 for v in result["after"].values())

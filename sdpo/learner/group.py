@@ -44,6 +44,11 @@ class LearnerGroup:
         paths = _get_all([w.export_weights.remote(directory, version, teacher) for w in self.workers])
         return paths[0]
 
+    @property
+    def has_separate_teacher(self) -> bool:
+        """Whether the ranks hold teacher weights apart from the student's (not for a live teacher or GRPO)."""
+        return self.cfg.loss.objective != "grpo" and self.cfg.teacher.kind != "live"
+
     def save_checkpoint(self, directory: str) -> None:
         _get_all([w.save_checkpoint.remote(directory) for w in self.workers])
 
