@@ -133,6 +133,7 @@ class LearnerConfig(Section):
     num_cpus_per_rank: float = Field(0.5, ge=0.0)
     num_gpus_per_rank: float = Field(0.0, ge=0.0)
     torch_threads_per_rank: int = Field(1, ge=1)
+    call_timeout_s: float = Field(3600.0, gt=0.0)  # a learner call (a step, a save) longer than this means a hung rank
 
 
 class EvalConfig(Section):

@@ -18,7 +18,7 @@ from sdpo.checkpoint import Checkpoints, size_bytes, step_of, truncate_metrics
 from sdpo.cluster import start_ray
 from sdpo.config import Config
 from sdpo.env_pool import EnvPool
-from sdpo.learner.group import LearnerGroup
+from sdpo.learner.group import LearnerGroup, LearnerTimeout
 from sdpo.metrics import PhaseTimer, RunLogger
 from sdpo.models import load_tokenizer, resolve_model_path, stop_token_ids
 from sdpo.probe import probe_teacher
@@ -102,9 +102,9 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
                 learn_stats = learners.train_step(batch)  # teacher + student forwards, loss, step, teacher update
             with timer("weight_sync"):
                 rollout.load_weights(learners.export_weights(weights_dir, step), version=step)
-        # A rank died (RayActorError), or a survivor failed in a collective with it (RayTaskError):
-        # FSDP cannot go on with a rank missing, so the whole group restarts from the last checkpoint.
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as err:
+        # A rank died (RayActorError), a survivor failed in a collective with it (RayTaskError), or one
+        # hangs (LearnerTimeout): FSDP cannot go on without it, so the group restarts from the last checkpoint.
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, LearnerTimeout) as err:
             restarts += 1
             if restarts > cfg.checkpoint.max_learner_restarts:
                 raise RuntimeError(f"a learner rank died {restarts} times; resume later from {checkpoints.latest()}") from err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import ray
 
 from sdpo.batch import TrainSample
@@ -13,6 +15,7 @@ from sdpo.learner.worker import LearnerWorker
 class LearnerGroup:
     def __init__(self, cfg: Config, model_path: str):
         self.cfg = cfg
+        self._timeout = cfg.learner.call_timeout_s
         actor = ray.remote(LearnerWorker)
         opts = dict(num_cpus=cfg.learner.num_cpus_per_rank, num_gpus=cfg.learner.num_gpus_per_rank)
         size = cfg.learner.world_size
@@ -24,7 +27,7 @@ class LearnerGroup:
         shards = balance(samples, len(self.workers))
         totals = Totals(sequences=len(samples), sd_tokens=sum(len(s.response_ids) for s in samples if s.sd_mask),
                         all_tokens=sum(len(s.response_ids) for s in samples))
-        results = _get_all([w.train_step.remote(shard, totals) for w, shard in zip(self.workers, shards)])
+        results = _get_all(self._timeout, [w.train_step.remote(shard, totals) for w, shard in zip(self.workers, shards)])
         tokens = sum(r["tokens"] for r in results)
         extra = {f"learn/{k}": sum(r[k] for r in results) for k in ("sd_loss", "pg_loss") if k in results[0]}
         if "clip_frac" in results[0]:
@@ -41,7 +44,7 @@ class LearnerGroup:
         }
 
     def export_weights(self, directory: str, version: int, teacher: bool = False) -> str:
-        paths = _get_all([w.export_weights.remote(directory, version, teacher) for w in self.workers])
+        paths = _get_all(self._timeout, [w.export_weights.remote(directory, version, teacher) for w in self.workers])
         return paths[0]
 
     @property
@@ -50,13 +53,13 @@ class LearnerGroup:
         return self.cfg.loss.objective != "grpo" and self.cfg.teacher.kind != "live"
 
     def save_checkpoint(self, directory: str) -> None:
-        _get_all([w.save_checkpoint.remote(directory) for w in self.workers])
+        _get_all(self._timeout, [w.save_checkpoint.remote(directory) for w in self.workers])
 
     def load_checkpoint(self, directory: str) -> None:
-        _get_all([w.load_checkpoint.remote(directory) for w in self.workers])
+        _get_all(self._timeout, [w.load_checkpoint.remote(directory) for w in self.workers])
 
     def export_hf(self, directory: str) -> None:
-        _get_all([w.export_hf.remote(directory) for w in self.workers])
+        _get_all(self._timeout, [w.export_hf.remote(directory) for w in self.workers])
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Leave the process group cleanly when every rank can, then kill the actors regardless
@@ -66,12 +69,19 @@ class LearnerGroup:
             ray.kill(w)
 
 
-def _get_all(refs: list) -> list:
+class LearnerTimeout(RuntimeError):
+    """A learner call outlived learner.call_timeout_s: a rank is hung (a stuck collective, a dead node)."""
+
+
+def _get_all(timeout_s: float, refs: list) -> list:
     """ray.get for a collective call: raises as soon as any rank fails, instead of waiting on
-    ranks that block forever in a collective with the dead one."""
+    ranks that block forever in a collective with the dead one, and gives up after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
     pending = list(refs)
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise LearnerTimeout(f"{len(pending)} learner rank(s) did not answer within learner.call_timeout_s={timeout_s:g}")
         ray.get(ready)  # raises RayActorError / RayTaskError for a dead or failed rank
     return ray.get(refs)
 
@@ -85,3 +95,66 @@ def balance(samples: list[TrainSample], ranks: int) -> list[list[TrainSample]]:
         lap, offset = divmod(position, ranks)
         shards[offset if lap % 2 == 0 else ranks - 1 - offset].append(samples[index])
     return shards
+
+
+def plan_micro_batches(samples: list[TrainSample], ranks: int, samples_per_micro_batch: int,
+                       max_tokens_per_micro_batch: int | None) -> list[list[list[TrainSample]]]:
+    """Each rank's micro-batches. Every rank gets the same number (FSDP's gathers and reductions
+    are collectives: a rank with one forward fewer would leave the others waiting forever)."""
+    if len(samples) % ranks:
+        raise ValueError(f"{len(samples)} samples cannot be split evenly over {ranks} learner ranks")
+    if max_tokens_per_micro_batch is None:
+        size = samples_per_micro_batch
+        return [[shard[i : i + size] for i in range(0, len(shard), size)] for shard in balance(samples, ranks)]
+    return token_budget_micro_batches(samples, ranks, max_tokens_per_micro_batch)
+
+
+def packed_length(sample: TrainSample) -> int:
+    """A sample's share of the longer of its micro-batch's two packed rows (student or teacher)."""
+    return max(len(sample.prompt_ids), len(sample.teacher_prompt_ids)) + len(sample.response_ids)
+
+
+def token_budget_micro_batches(samples: list[TrainSample], ranks: int, budget_tokens: int) -> list[list[list[TrainSample]]]:
+    """Micro-batches of at most ``budget_tokens`` packed tokens (a longer sample runs alone), as few
+    as fit, their count a multiple of ``ranks``, and their loads as even as the samples allow, so
+    that ranks finish together."""
+    order = sorted(samples, key=packed_length, reverse=True)
+    count = -(-_first_fit_count(order, budget_tokens) // ranks) * ranks
+    while (bins := _fill_least_loaded(order, count, budget_tokens)) is None:
+        count += ranks  # never past one sample per bin: that always fits
+    bins.sort(key=lambda b: -sum(map(packed_length, b)))
+    plans: list[list[list[TrainSample]]] = [[] for _ in range(ranks)]
+    for position, micro in enumerate(bins):  # snake order: rank loads stay even
+        lap, offset = divmod(position, ranks)
+        plans[offset if lap % 2 == 0 else ranks - 1 - offset].append(micro)
+    return plans
+
+
+def _first_fit_count(order: list[TrainSample], budget: int) -> int:
+    loads: list[int] = []
+    for sample in order:
+        length = packed_length(sample)
+        for i, load in enumerate(loads):
+            if load + length <= budget:
+                loads[i] += length
+                break
+        else:
+            loads.append(length)
+    return len(loads)
+
+
+def _fill_least_loaded(order: list[TrainSample], count: int, budget: int) -> list[list[TrainSample]] | None:
+    """Longest first into the least-loaded bin it fits (an oversize sample only into an empty bin);
+    None when some sample fits nowhere."""
+    bins: list[list[TrainSample]] = [[] for _ in range(count)]
+    loads = [0] * count
+    for sample in order:
+        length = packed_length(sample)
+        fits = [i for i in range(count) if loads[i] + length <= budget or loads[i] == 0]
+        if not fits:
+            return None
+        best = min(fits, key=loads.__getitem__)
+        bins[best].append(sample)
+        loads[best] += length
+    # No bin stays empty: count <= len(order), and each of the first `count` samples opens one.
+    return bins
