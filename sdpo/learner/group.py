@@ -24,10 +24,11 @@ class LearnerGroup:
         self.num_params = ray.get([w.setup.remote(addr, port) for w in self.workers])[0]
 
     def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
-        shards = balance(samples, len(self.workers))
+        learner = self.cfg.learner
+        plans = plan_micro_batches(samples, len(self.workers), learner.samples_per_micro_batch, learner.max_tokens_per_micro_batch)
         totals = Totals(sequences=len(samples), sd_tokens=sum(len(s.response_ids) for s in samples if s.sd_mask),
                         all_tokens=sum(len(s.response_ids) for s in samples))
-        results = _get_all(self._timeout, [w.train_step.remote(shard, totals) for w, shard in zip(self.workers, shards)])
+        results = _get_all(self._timeout, [w.train_step.remote(plan, totals) for w, plan in zip(self.workers, plans)])
         tokens = sum(r["tokens"] for r in results)
         extra = {f"learn/{k}": sum(r[k] for r in results) for k in ("sd_loss", "pg_loss") if k in results[0]}
         if "clip_frac" in results[0]:

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
+from sdpo.learner.packing import PACKED_SDPA, pack
 
-def pick_attention(requested: str, device: str) -> str:
+
+def pick_attention(requested: str, device: str, packed: bool = False) -> str:
     if requested != "auto":
         return requested
     if device == "cuda":
         try:
             import flash_attn  # noqa: F401
 
-            return "flash_attention_2"
+            return "flash_attention_2"  # varlen kernel: packed rows need nothing else
         except ImportError:
-            return "sdpa"
-    return "sdpa"  # fused flash-style CPU kernel
+            pass
+    # CPU (or GPU without flash-attn): the fused SDPA kernel, per sample when rows are packed.
+    return PACKED_SDPA if packed else "sdpa"
 
 
 def load_causal_lm(path: str, attn_implementation: str) -> torch.nn.Module:
@@ -28,21 +32,50 @@ def load_causal_lm(path: str, attn_implementation: str) -> torch.nn.Module:
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks: the unit FSDP2 shards and gathers one at a time."""
+    """The repeated transformer blocks (or their checkpoint wrappers): the unit FSDP2 shards and
+    gathers one at a time."""
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
     if not layers:
         raise ValueError(f"{type(model).__name__}: found no *DecoderLayer modules to shard")
-    return layers
+    return [_outermost(model, layer) for layer in layers]
 
 
-def shard(model: torch.nn.Module, mesh: DeviceMesh, mixed_precision: str, *, no_grad: bool = False) -> torch.nn.Module:
-    """FSDP2 per decoder layer and at the root. A no-grad model (the teacher) also reshards its root
-    after forward: FSDP2 otherwise keeps root parameters gathered, waiting for a backward that
-    never comes, and the teacher would hold full copies of the embeddings between steps."""
+def _outermost(model: torch.nn.Module, layer: torch.nn.Module) -> torch.nn.Module:
+    for module in model.modules():
+        if getattr(module, "_checkpoint_wrapped_module", None) is layer:
+            return module
+    return layer
+
+
+def checkpoint_layers(model: torch.nn.Module) -> None:
+    """Activation checkpointing per decoder layer: backward recomputes each layer's forward instead
+    of keeping its activations. Applied before sharding, so FSDP's gather hooks sit outside the
+    recomputed region (the wrapper strips its prefix from state-dict names)."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__.endswith("DecoderLayer"):
+            parent_name, _, child = name.rpartition(".")
+            model.get_submodule(parent_name).register_module(child, checkpoint_wrapper(module))
+
+
+def shard(model: torch.nn.Module, mesh: DeviceMesh, mixed_precision: str, *, no_grad: bool = False,
+          offload: bool = False) -> torch.nn.Module:
+    """FSDP2 per decoder layer and at the root, each layer prefetching its neighbour's parameters
+    (the next in forward, the previous in backward) while it computes.
+
+    A no-grad model (the teacher) also reshards its root after forward: FSDP2 otherwise keeps root
+    parameters gathered, waiting for a backward that never comes, and the teacher would hold full
+    copies of the embeddings between steps. ``offload`` keeps the shards in host memory; they are
+    copied to the device per layer for the forward."""
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" else MixedPrecisionPolicy()
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if no_grad else None)
+    placement = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
+    layers = decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=placement)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=placement, reshard_after_forward=True if no_grad else None)
+    for earlier, later in zip(layers, layers[1:]):
+        earlier.set_modules_to_forward_prefetch([later])
+        if not no_grad:
+            later.set_modules_to_backward_prefetch([earlier])
     return model
 
 
@@ -62,14 +95,20 @@ def _response_rows(per_position: torch.Tensor, prompts: list[list[int]], respons
     return torch.cat([per_position[row, len(p) - 1 : len(p) + len(r) - 1] for row, (p, r) in enumerate(zip(prompts, responses))])
 
 
-def response_logits(model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], device: torch.device) -> torch.Tensor:
+def response_logits(model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], device: torch.device,
+                    packed: bool = False) -> torch.Tensor:
     """Logits that predict each response token, for a micro-batch: (sum of response lengths, V)."""
+    if packed:
+        row = pack(prompts, responses, device)
+        # Only the response positions go through the LM head: the (long) teacher prompt gets no logits.
+        return model(**row.forward_kwargs(), logits_to_keep=row.response_rows).logits[0]
     input_ids, attention_mask = _padded_batch(prompts, responses, device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return _response_rows(logits, prompts, responses)
 
 
-def response_hidden(model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], device: torch.device) -> torch.Tensor:
+def response_hidden(model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], device: torch.device,
+                    packed: bool = False) -> torch.Tensor:
     """The final hidden states (after the last norm) that predict each response token: (N, H).
 
     Runs the whole model through its root forward, so FSDP gathers and frees parameters as usual,
@@ -78,10 +117,16 @@ def response_hidden(model: torch.nn.Module, prompts: list[list[int]], responses:
     captured = []
     hook = model.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
     try:
-        input_ids, attention_mask = _padded_batch(prompts, responses, device)
-        model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+        if packed:
+            row = pack(prompts, responses, device)
+            model(**row.forward_kwargs(), logits_to_keep=1)
+        else:
+            input_ids, attention_mask = _padded_batch(prompts, responses, device)
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
     finally:
         hook.remove()
+    if packed:
+        return captured[0][0, row.response_rows]
     return _response_rows(captured[0], prompts, responses)
 
 

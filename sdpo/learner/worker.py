@@ -19,7 +19,8 @@ from torch.distributed.tensor import DTensor
 
 from sdpo.batch import TrainSample
 from sdpo.config import Config
-from sdpo.learner.model import lm_head_weight, load_causal_lm, pick_attention, response_hidden, response_logits, shard
+from sdpo.learner.model import (checkpoint_layers, lm_head_weight, load_causal_lm, pick_attention, response_hidden,
+                                response_logits, shard)
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.rollout.weights import _savable, write_weights
@@ -49,10 +50,14 @@ class LearnerWorker:
         dist.init_process_group("nccl" if cuda else "gloo", rank=self.rank, world_size=self.world_size)
         mesh = init_device_mesh(self.device.type, (self.world_size,))
 
-        attention = pick_attention(self.cfg.model.attn_implementation, self.cfg.device)
+        learner = self.cfg.learner
+        self.packed = learner.max_tokens_per_micro_batch is not None
+        attention = pick_attention(self.cfg.model.attn_implementation, self.cfg.device, packed=self.packed)
         student = load_causal_lm(self.model_path, attention)
         self.teacher = self._make_teacher(student, attention, mesh)
-        self.student = shard(student.to(self.device), mesh, self.cfg.learner.mixed_precision)
+        if learner.activation_checkpointing:
+            checkpoint_layers(student)  # after the teacher's copy: the teacher never runs backward
+        self.student = shard(student.to(self.device), mesh, learner.mixed_precision)
         opt = self.cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
         warmup = max(1, opt.warmup_steps)
@@ -73,13 +78,16 @@ class LearnerWorker:
         else:  # ema, frozen, trust_region: all start from the initial checkpoint
             teacher = copy.deepcopy(student)
         teacher.requires_grad_(False)
-        return shard(teacher.to(self.device), mesh, self.cfg.learner.mixed_precision, no_grad=True).eval()
+        offload = self.cfg.learner.teacher_offload
+        teacher = teacher if offload else teacher.to(self.device)
+        return shard(teacher, mesh, self.cfg.learner.mixed_precision, no_grad=True, offload=offload).eval()
 
     def _scores(self, model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]]) -> Scores:
         chunk = self.cfg.loss.chunk_tokens
         if not chunk:
-            return Scores(logits=response_logits(model, prompts, responses, self.device))
-        return Scores(hidden=response_hidden(model, prompts, responses, self.device), weight=lm_head_weight(model), chunk_tokens=chunk)
+            return Scores(logits=response_logits(model, prompts, responses, self.device, self.packed))
+        return Scores(hidden=response_hidden(model, prompts, responses, self.device, self.packed), weight=lm_head_weight(model),
+                      chunk_tokens=chunk)
 
     @torch.no_grad()
     def _teacher_scores(self, prompts: list[list[int]], responses: list[list[int]]) -> Scores | None:
@@ -101,13 +109,12 @@ class LearnerWorker:
                           weight=torch.cat([scores.weight.float(), live.weight.float()], dim=-1), chunk_tokens=scores.chunk_tokens)
         return scores
 
-    def train_step(self, samples: list[TrainSample], totals: Totals) -> dict[str, float]:
-        """``updates_per_batch`` optimizer steps on this rank's share of the batch; returns sums
-        (and last-update scalars) for the driver to combine over ranks."""
+    def train_step(self, micros: list[list[TrainSample]], totals: Totals) -> dict[str, float]:
+        """``updates_per_batch`` optimizer steps on this rank's share of the batch, already cut into
+        micro-batches (as many on every rank); returns sums (and last-update scalars) for the
+        driver to combine over ranks."""
         cfg = self.cfg
         self.student.train()
-        size = cfg.learner.samples_per_micro_batch
-        micros = [samples[i : i + size] for i in range(0, len(samples), size)]
         masks = self._entropy_masks(micros) if cfg.loss.top_entropy_quantile < 1.0 else [None] * len(micros)
         old_logps: list[torch.Tensor | None] = [None] * len(micros)
         sums: dict[str, float] = {}
@@ -170,7 +177,8 @@ class LearnerWorker:
         rate = self.cfg.teacher.update_rate
         for t, s in zip(self.teacher.parameters(), self.student.parameters()):
             t_local = t.to_local() if isinstance(t, DTensor) else t
-            t_local.lerp_(s.to_local() if isinstance(s, DTensor) else s, rate)
+            s_local = s.to_local() if isinstance(s, DTensor) else s
+            t_local.lerp_(s_local.to(t_local.device), rate)  # an offloaded teacher keeps its shard in host memory
 
     def export_weights(self, directory: str, version: int, teacher: bool = False) -> str | None:
         """Full student (or teacher) weights as one file. Every rank joins the gather; rank 0 writes."""

@@ -1,0 +1,169 @@
+"""Padding-free packed micro-batches under a token budget, activation checkpointing, bf16 and an
+offloaded teacher: each gives the step the padded learner gives (real 2-rank FSDP2 on gloo)."""
+
+import random
+
+import pytest
+import ray
+import torch
+from safetensors.torch import load_file
+from transformers import Qwen2ForCausalLM
+
+from sdpo.batch import TrainSample
+from sdpo.learner.group import LearnerGroup, packed_length, plan_micro_batches
+from sdpo.learner.model import load_causal_lm, response_hidden, response_logits
+from sdpo.learner.packing import PACKED_SDPA, pack
+from sdpo.recipe import load_config
+from sdpo.tiny.model import tiny_model_config
+
+VOCAB = 100
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model")
+    Qwen2ForCausalLM(tiny_model_config(VOCAB)).save_pretrained(path)
+    return str(path)
+
+
+def spread_batch(n: int, seed: int = 0) -> list[TrainSample]:
+    """Lengths that differ several-fold, as real rollouts do (a 4-40 token prompt, 1-30 token answer)."""
+    rng = random.Random(seed)
+    batch = []
+    for i in range(n):
+        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(4, 40))]
+        response = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))]
+        teacher = [rng.randrange(VOCAB) for _ in range(rng.randint(5, 25))] + prompt
+        logps = [-rng.random() * 5 for _ in response]
+        batch.append(TrainSample(prompt, response, logps, teacher, sd_mask=int(i % 4 != 0), advantage=float(i % 3) - 1))
+    return batch
+
+
+# --- planning: pure functions -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ranks,budget", [(1, 60), (2, 90), (2, 1000), (4, 70), (2, 10)])
+def test_token_budget_plan(ranks, budget):
+    batch = spread_batch(24)
+    plans = plan_micro_batches(batch, ranks, 8, budget)
+    counts = {len(plan) for plan in plans}
+    assert len(counts) == 1, "every rank must run the same number of micro-batches"
+    placed = [s for plan in plans for micro in plan for s in micro]
+    assert sorted(map(id, placed)) == sorted(map(id, batch))  # each sample exactly once
+    for plan in plans:
+        for micro in plan:
+            assert micro, "no empty micro-batch"
+            load = sum(map(packed_length, micro))
+            assert load <= budget or len(micro) == 1  # an oversize sample runs alone
+    if budget >= 1000:
+        assert counts == {1}  # everything fits in one row per rank
+    rank_loads = [sum(packed_length(s) for micro in plan for s in micro) for plan in plans]
+    assert max(rank_loads) - min(rank_loads) <= max(map(packed_length, batch)) + budget // 2
+
+
+def test_sample_count_plan_is_the_default():
+    batch = spread_batch(12)
+    plans = plan_micro_batches(batch, 2, 4, None)
+    assert [[len(m) for m in plan] for plan in plans] == [[4, 2], [4, 2]]
+    with pytest.raises(ValueError, match="evenly over 2 learner ranks"):
+        plan_micro_batches(batch[:5], 2, 4, 100)
+
+
+# --- packed forward: single process ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("attention", [PACKED_SDPA, "sdpa", "eager"])
+def test_packed_forward_equals_padded(model_path, attention):
+    batch = spread_batch(6, seed=1)
+    prompts, responses = [s.prompt_ids for s in batch], [s.response_ids for s in batch]
+    cpu = torch.device("cpu")
+    reference = response_logits(load_causal_lm(model_path, "sdpa"), prompts, responses, cpu)
+    model = load_causal_lm(model_path, attention)
+    torch.testing.assert_close(response_logits(model, prompts, responses, cpu, packed=True), reference, rtol=1e-5, atol=1e-5)
+    hidden = response_hidden(model, prompts, responses, cpu, packed=True)
+    torch.testing.assert_close(model.lm_head(hidden), reference, rtol=1e-5, atol=1e-5)
+    # Attention never crosses a sample boundary: changing sample 0 leaves every other row alone.
+    changed = [[(t + 1) % VOCAB for t in prompts[0]]] + prompts[1:]
+    after = response_logits(model, changed, responses, cpu, packed=True)
+    first = len(responses[0])
+    assert not torch.allclose(after[:first], reference[:first])
+    torch.testing.assert_close(after[first:], reference[first:], rtol=1e-5, atol=1e-5)
+
+
+def test_pack_rejects_an_empty_prompt():
+    with pytest.raises(ValueError, match="empty prompt"):
+        pack([[1, 2], []], [[3], [4]], torch.device("cpu"))
+
+
+# --- the whole step through FSDP2 on two ranks ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def one_step(model_path, tmp_path, *overrides):
+    cfg = load_config(None, ["learner.world_size=2", "learner.samples_per_micro_batch=3", "optimizer.lr=1e-2",
+                             "optimizer.warmup_steps=0", "teacher.update_rate=0.5", "loss.topk=20",
+                             "prompts_per_step=4", "rollout.samples_per_prompt=4", *overrides])
+    group = LearnerGroup(cfg, model_path)
+    tag = abs(hash(overrides))
+    try:
+        stats = group.train_step(spread_batch(16))
+        weights = load_file(group.export_weights(str(tmp_path / f"w{tag}"), 1))
+        teacher = load_file(group.export_weights(str(tmp_path / f"t{tag}"), 1, teacher=True))
+    finally:
+        group.shutdown()
+    return stats, weights, teacher
+
+
+def assert_same_step(got, ref, *, rel=1e-5, weight_tol=2e-4):
+    (stats, weights, teacher), (ref_stats, ref_weights, _) = got, ref
+    assert stats["learn/loss"] == pytest.approx(ref_stats["learn/loss"], rel=rel)
+    assert stats["learn/grad_norm"] == pytest.approx(ref_stats["learn/grad_norm"], rel=10 * rel)
+    assert stats["learn/response_tokens"] == ref_stats["learn/response_tokens"]
+    assert weights.keys() == ref_weights.keys()
+    for name, tensor in ref_weights.items():
+        # Adam divides by |grad|: where a gradient is ~1e-9, summation order alone moves a weight
+        # by a fraction of the lr 1e-2 step.
+        torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=weight_tol)
+
+
+@pytest.mark.integration
+def test_packed_step_equals_padded_step(model_path, tmp_path, local_ray):
+    padded = one_step(model_path, tmp_path)
+    # A budget of ~3 samples per row: 16 samples become several micro-batches of unequal sample
+    # counts; checkpointing recomputes each layer in backward; the teacher lives in host memory
+    # (on CPU: the offload code path, same numbers).
+    packed = one_step(model_path, tmp_path, "learner.max_tokens_per_micro_batch=150",
+                      "learner.activation_checkpointing=true", "learner.teacher_offload=true")
+    assert_same_step(packed, padded)
+    initial = Qwen2ForCausalLM.from_pretrained(model_path).state_dict()
+    _, weights, teacher = packed
+    for name, tensor in weights.items():
+        # The EMA teacher (rate 0.5), updated shard by shard: halfway between the start and the student.
+        torch.testing.assert_close(teacher[name], 0.5 * initial[name] + 0.5 * tensor, rtol=0, atol=1e-6)
+    chunked = one_step(model_path, tmp_path, "learner.max_tokens_per_micro_batch=150", "loss.chunk_tokens=7")
+    # The chunked LM head rounds differently (~1e-7 per logit): see test_learner's chunked case.
+    assert_same_step(chunked, padded, rel=1e-4, weight_tol=2e-2)
+
+
+@pytest.mark.integration
+def test_bf16_packed_step(model_path, tmp_path, local_ray):
+    fp32 = one_step(model_path, tmp_path, "learner.max_tokens_per_micro_batch=150")
+    bf16 = one_step(model_path, tmp_path, "learner.max_tokens_per_micro_batch=150", "learner.mixed_precision=bf16")
+    (stats, weights, _), (ref_stats, ref_weights, _) = bf16, fp32
+    # bf16 keeps 8 bits of mantissa: the loss agrees to ~1e-2, and Adam's first step (lr times the
+    # sign of the gradient, nearly) moves the fp32 master weights the same way.
+    assert stats["learn/loss"] == pytest.approx(ref_stats["learn/loss"], rel=3e-2)
+    assert stats["learn/grad_norm"] == pytest.approx(ref_stats["learn/grad_norm"], rel=5e-2)
+    initial = Qwen2ForCausalLM.from_pretrained(model_path).state_dict()
+    for name, tensor in ref_weights.items():
+        assert weights[name].dtype == torch.float32  # master weights stay fp32
+        moved, ref_moved = weights[name] - initial[name], tensor - initial[name]
+        agree = (torch.sign(moved) == torch.sign(ref_moved)).float().mean()
+        assert agree > 0.9 or ref_moved.abs().max() == 0, name
