@@ -133,37 +133,42 @@ def assert_same_step(got, ref, *, rel=1e-5, weight_tol=2e-4):
         torch.testing.assert_close(weights[name], tensor, rtol=1e-4, atol=weight_tol)
 
 
-@pytest.mark.integration
-def test_packed_step_equals_padded_step(model_path, tmp_path, local_ray):
-    padded = one_step(model_path, tmp_path)
+PACKED = ("learner.max_tokens_per_micro_batch=150",)
+
+
+@pytest.fixture(scope="module")
+def packed_step(model_path, tmp_path_factory, local_ray):
     # A budget of ~3 samples per row: 16 samples become several micro-batches of unequal sample
     # counts; checkpointing recomputes each layer in backward; the teacher lives in host memory
     # (on CPU: the offload code path, same numbers).
-    packed = one_step(model_path, tmp_path, "learner.max_tokens_per_micro_batch=150",
-                      "learner.activation_checkpointing=true", "learner.teacher_offload=true")
-    assert_same_step(packed, padded)
-    initial = Qwen2ForCausalLM.from_pretrained(model_path).state_dict()
-    _, weights, teacher = packed
-    for name, tensor in weights.items():
-        # The EMA teacher (rate 0.5), updated shard by shard: halfway between the start and the student.
-        torch.testing.assert_close(teacher[name], 0.5 * initial[name] + 0.5 * tensor, rtol=0, atol=1e-6)
-    chunked = one_step(model_path, tmp_path, "learner.max_tokens_per_micro_batch=150", "loss.chunk_tokens=7")
-    # The chunked LM head rounds differently (~1e-7 per logit): see test_learner's chunked case.
-    assert_same_step(chunked, padded, rel=1e-4, weight_tol=2e-2)
+    return one_step(model_path, tmp_path_factory.mktemp("packed"), *PACKED, "learner.activation_checkpointing=true",
+                    "learner.teacher_offload=true")
 
 
 @pytest.mark.integration
-def test_bf16_packed_step(model_path, tmp_path, local_ray):
-    fp32 = one_step(model_path, tmp_path, "learner.max_tokens_per_micro_batch=150")
-    bf16 = one_step(model_path, tmp_path, "learner.max_tokens_per_micro_batch=150", "learner.mixed_precision=bf16")
-    (stats, weights, _), (ref_stats, ref_weights, _) = bf16, fp32
-    # bf16 keeps 8 bits of mantissa: the loss agrees to ~1e-2, and Adam's first step (lr times the
-    # sign of the gradient, nearly) moves the fp32 master weights the same way.
+def test_packed_step_equals_padded_step(model_path, tmp_path, packed_step):
+    padded = one_step(model_path, tmp_path)
+    assert_same_step(packed_step, padded)
+    initial = Qwen2ForCausalLM.from_pretrained(model_path).state_dict()
+    _, weights, teacher = packed_step
+    for name, tensor in weights.items():
+        # The EMA teacher (rate 0.5), updated shard by shard: halfway between the start and the student.
+        torch.testing.assert_close(teacher[name], 0.5 * initial[name] + 0.5 * tensor, rtol=0, atol=1e-6)
+
+
+@pytest.mark.integration
+def test_bf16_chunked_packed_step(model_path, tmp_path, packed_step):
+    """bf16 compute with the memory-lean chunked loss on packed rows: the same step to bf16 precision."""
+    (stats, weights, _), (ref_stats, ref_weights, _) = one_step(
+        model_path, tmp_path, *PACKED, "learner.mixed_precision=bf16", "loss.chunk_tokens=7"), packed_step
+    # bf16 keeps 8 bits of mantissa: the loss agrees to ~1e-2.
     assert stats["learn/loss"] == pytest.approx(ref_stats["learn/loss"], rel=3e-2)
     assert stats["learn/grad_norm"] == pytest.approx(ref_stats["learn/grad_norm"], rel=5e-2)
     initial = Qwen2ForCausalLM.from_pretrained(model_path).state_dict()
-    for name, tensor in ref_weights.items():
-        assert weights[name].dtype == torch.float32  # master weights stay fp32
-        moved, ref_moved = weights[name] - initial[name], tensor - initial[name]
-        agree = (torch.sign(moved) == torch.sign(ref_moved)).float().mean()
-        assert agree > 0.9 or ref_moved.abs().max() == 0, name
+    assert all(w.dtype == torch.float32 for w in weights.values())  # master weights stay fp32
+    # Adam's first step is about lr * sign(gradient): the two runs move the weights the same way.
+    # (k_proj biases are left out: softmax ignores them, their true gradient is 0 and only noise remains.)
+    names = [n for n in ref_weights if "k_proj.bias" not in n]
+    moved = torch.cat([(weights[n] - initial[n]).flatten() for n in names])
+    ref_moved = torch.cat([(ref_weights[n] - initial[n]).flatten() for n in names])
+    assert (torch.sign(moved) == torch.sign(ref_moved)).float().mean() > 0.95

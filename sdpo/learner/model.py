@@ -130,9 +130,11 @@ def response_hidden(model: torch.nn.Module, prompts: list[list[int]], responses:
     return _response_rows(captured[0], prompts, responses)
 
 
-def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
-    """The output projection (V, H), whole. The student's root stays gathered between its forward
-    and backward, so this is FSDP's unsharded parameter and its gradient flows back through FSDP;
-    a resharded (teacher) weight is gathered here."""
+def lm_head_weight(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The output projection (V, H), whole, in the compute ``dtype`` of the hidden states. The
+    student's root stays gathered between its forward and backward, so this is FSDP's unsharded
+    parameter (already in the mixed-precision dtype) and its gradient flows back through FSDP; a
+    resharded (teacher) weight is gathered here from its fp32 shards and cast as the model's own
+    forward would have."""
     weight = model.get_output_embeddings().weight
-    return weight.full_tensor() if isinstance(weight, DTensor) else weight
+    return (weight.full_tensor() if isinstance(weight, DTensor) else weight).to(dtype)

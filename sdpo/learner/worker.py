@@ -86,8 +86,8 @@ class LearnerWorker:
         chunk = self.cfg.loss.chunk_tokens
         if not chunk:
             return Scores(logits=response_logits(model, prompts, responses, self.device, self.packed))
-        return Scores(hidden=response_hidden(model, prompts, responses, self.device, self.packed), weight=lm_head_weight(model),
-                      chunk_tokens=chunk)
+        hidden = response_hidden(model, prompts, responses, self.device, self.packed)
+        return Scores(hidden=hidden, weight=lm_head_weight(model, hidden.dtype), chunk_tokens=chunk)
 
     @torch.no_grad()
     def _teacher_scores(self, prompts: list[list[int]], responses: list[list[int]]) -> Scores | None:
