@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -194,6 +195,8 @@ def main() -> None:
         config._attn_implementation = "sdpa"
         model = Qwen2ForCausalLM(config).to(torch.float32)
     results["params"] = sum(p.numel() for p in model.parameters())
+    model_dir = tempfile.mkdtemp(prefix="sdpo-gpu-bench-")
+    model.save_pretrained(model_dir)  # the engine starts from these, the pre-training weights
     print(f"model: {results['params'] / 1e6:.1f}M params on {results['device']}", flush=True)
 
     # learner step: fp32 master weights, bf16 autocast on GPU, AdamW
@@ -224,8 +227,7 @@ def main() -> None:
             p.add_(torch.randn(p.shape, generator=gen, device=device) * p.detach().float().std().clamp(min=1e-3))
 
     # weight hand-off into the engine process on the same device
-    with tempfile.TemporaryDirectory() as model_dir, tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as shm:
-        model.save_pretrained(model_dir)  # the engine starts from the pre-training weights
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as shm:
         engine = EngineClient(model_dir, args.device, "bfloat16" if engine_dtype == torch.bfloat16 else "float32")
         try:
             # the learner trained, so the engine is stale until a hand-off lands
@@ -248,6 +250,7 @@ def main() -> None:
             results["handoff"] = handoffs
         finally:
             engine.close()
+            shutil.rmtree(model_dir, ignore_errors=True)
 
     worst_gap = max(v["logprob_gap_after"] for v in results["handoff"].values() if isinstance(v, dict))
     # bf16 engine vs bf16-autocast learner: different kernels, so a small gap remains on GPU; stale
