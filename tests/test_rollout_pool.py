@@ -84,15 +84,20 @@ def reference_logprobs(model, prompt, response) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def pool(model_dir):
+def ray_cluster():
     torch.set_num_threads(1)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(ray_cluster, model_dir):
     cfg = Config(seed=0, rollout=dict(engine="vllm", replicas=2, kv_cache_gib=0.25, dtype="float32",
                                       num_cpus_per_replica=0.5, torch_threads_per_replica=1, max_replica_restarts=1))
     pool = RolloutPool(cfg, model_dir)
     yield pool
     pool.shutdown()
-    ray.shutdown()
 
 
 def greedy(pool_or_worker, prompts=PROMPTS):
@@ -161,6 +166,35 @@ def test_broadcast_sync_through_vllm(pool, model_dir):
     ray.get(receiving)
     assert stats["buckets"] > 3 and pool.versions() == [31, 31]
     assert_engine_has(pool, new)
+
+
+def test_hf_engine_takes_both_bucketed_transports(ray_cluster, model_dir):
+    """The HF engine (the fallback, and the GPU benchmark's engine) receives buckets too."""
+    from sdpo.rollout.worker import RolloutWorker
+
+    worker = RolloutWorker.options(num_cpus=0.5).remote("hf", model_dir, "float32", 0.25, 0, 1)
+    try:
+        prompt, response = PROMPTS[1], list(range(20, 40))
+        for version, seed in ((51, 5), (52, 6)):
+            new = perturbed(model_dir, seed=seed)
+            if version == 51:
+                send_weights_by_handle(iter_full_tensors(new), [worker], version, bucket_bytes=64 * 1024,
+                                       device=torch.device("cpu"))
+            else:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                joining = worker.join_weight_group.remote("gloo", "127.0.0.1", port, 1, 2)
+                group = join_weight_group("gloo", "127.0.0.1", port, rank=0, world_size=2)
+                ray.get(joining)
+                receiving = worker.receive_weights.remote(version)
+                send_weights(iter_full_tensors(new), group, bucket_bytes=64 * 1024)
+                ray.get(receiving)
+            assert ray.get(worker.version.remote()) == version
+            got = torch.tensor(ray.get(worker.score.remote([prompt], [response]))[0], dtype=torch.float64)
+            assert (got - reference_logprobs(new, prompt, response).double()).abs().max().item() < TOL
+    finally:
+        ray.kill(worker)
 
 
 @needs_vllm
