@@ -99,9 +99,10 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
                                                cfg.loss.advantage_std_normalize)
         try:
             with timer("learn"):
+                rollout.prepare_for_training()  # colocated GPUs: the engines sleep while the learner trains
                 learn_stats = learners.train_step(batch)  # teacher + student forwards, loss, step, teacher update
             with timer("weight_sync"):
-                rollout.load_weights(learners.export_weights(weights_dir, step), version=step)
+                rollout.sync_weights(learners, step, weights_dir)  # shm file, NCCL broadcast or CUDA IPC
         # A rank died (RayActorError), a survivor failed in a collective with it (RayTaskError), or one
         # hangs (LearnerTimeout): FSDP cannot go on without it, so the group restarts from the last checkpoint.
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, LearnerTimeout) as err:
@@ -123,7 +124,7 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
             log.say(f"learner group restarted in {restart_s:.1f} s; continuing after step {step}")
             continue
         step_s = time.perf_counter() - started
-        log.log(step, {**rollout_stats(flat, groups, cfg), **teacher_stats, **learn_stats, **timer.seconds, "time/step_s": step_s,
+        log.log(step, {**rollout_stats(flat, groups, cfg, step), **teacher_stats, **learn_stats, **timer.seconds, "time/step_s": step_s,
                        "throughput/tokens_per_s": learn_stats["learn/response_tokens"] / step_s})
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != cfg.steps:
             evaluate(step)
@@ -158,11 +159,13 @@ def export_hf(learners: LearnerGroup, model_path: str, directory: Path) -> None:
         shutil.copy(generation, directory / generation.name)
 
 
-def rollout_stats(verdicts, groups, cfg: Config) -> dict[str, float]:
+def rollout_stats(verdicts, groups, cfg: Config, step: int) -> dict[str, float]:
     rewards = [v.reward for v in verdicts]
     lengths = [len(c.token_ids) for g in groups for c in g]
     failures = sum(1 for v in verdicts if v.info.get("verifier_failure"))
     return {
+        # Synchronous training samples step s with the weights of step s-1: the lag must read 0.
+        "rollout/policy_version_lag_max": float((step - 1) - min(c.policy_version for g in groups for c in g)),
         "rollout/reward_mean": sum(rewards) / len(rewards),
         "rollout/success_frac": sum(r >= cfg.teacher_context.success_threshold for r in rewards) / len(rewards),
         "rollout/response_tokens_mean": sum(lengths) / len(lengths),

@@ -31,6 +31,7 @@ def test_two_steps_end_to_end(tmp_path):
         assert math.isfinite(r["learn/loss"]) and r["learn/loss"] >= 0
         assert math.isfinite(r["learn/grad_norm"]) and r["learn/grad_norm"] > 0
         assert 0 <= r["rollout/success_frac"] <= 1
+        assert r["rollout/policy_version_lag_max"] == 0  # every sample came from the previous step's weights
         for phase in ("generate", "verify", "teacher_contexts", "learn", "weight_sync"):
             assert r[f"time/{phase}_s"] > 0
     # Step 2's samples came from the engine after the first sync: the engine's log-probs must

@@ -53,6 +53,19 @@ class LearnerGroup:
         """Whether the ranks hold teacher weights apart from the student's (not for a live teacher or GRPO)."""
         return self.cfg.loss.objective != "grpo" and self.cfg.teacher.kind != "live"
 
+    @property
+    def world_size(self) -> int:
+        return len(self.workers)
+
+    def weight_group_address(self) -> tuple[str, int]:
+        return ray.get(self.workers[0].rendezvous_address.remote())
+
+    def join_weight_group(self, backend: str, addr: str, port: int, world_size: int) -> None:
+        _get_all(self._timeout, [w.join_weight_group.remote(backend, addr, port, world_size) for w in self.workers])
+
+    def push_weights(self, transport: str, version: int, bucket_bytes: int, receivers_by_rank: list | None = None) -> dict[str, float]:
+        return _get_all(self._timeout, [w.push_weights.remote(transport, version, bucket_bytes, receivers_by_rank) for w in self.workers])[0]
+
     def save_checkpoint(self, directory: str) -> None:
         _get_all(self._timeout, [w.save_checkpoint.remote(directory) for w in self.workers])
 

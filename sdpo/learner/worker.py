@@ -23,6 +23,8 @@ from sdpo.learner.model import (checkpoint_layers, lm_head_weight, load_causal_l
                                 response_logits, shard)
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
+from sdpo.rollout.transports.broadcast import join_weight_group
+from sdpo.rollout.transports.learner_side import iter_full_tensors, push_weights
 from sdpo.rollout.weights import _savable, write_weights
 
 
@@ -189,6 +191,19 @@ class LearnerWorker:
         path = write_weights(state, directory, version) if self.rank == 0 else None
         dist.barrier()
         return path
+
+    def join_weight_group(self, backend: str, addr: str, port: int, world_size: int) -> None:
+        """Rank 0 joins the engines' broadcast group (nccl transport); the others only gather."""
+        if self.rank == 0:
+            self._weight_group = join_weight_group(backend, addr, port, rank=0, world_size=world_size, device=self.device)
+
+    def push_weights(self, transport: str, version: int, bucket_bytes: int, receivers_by_rank: list | None) -> dict[str, float]:
+        """Stream the student's full weights to the engines in buckets (nccl / cuda_ipc). Every rank
+        calls it: gathering each FSDP2 shard is a collective."""
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.rollout.dtype]
+        return push_weights(iter_full_tensors(self.student), transport=transport, rank=self.rank, version=version,
+                            bucket_bytes=bucket_bytes, device=self.device, group=getattr(self, "_weight_group", None),
+                            receivers=receivers_by_rank[self.rank] if receivers_by_rank else None, dtype=dtype)
 
     def save_checkpoint(self, directory: str) -> None:
         """Sharded student, optimizer and teacher through torch.distributed.checkpoint (each rank
