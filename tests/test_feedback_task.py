@@ -1,0 +1,147 @@
+"""The rich-feedback task (environments/pair_sums.py) and its warm-started model
+(sdpo/tiny/warmstart_feedback.py). CPU only, no network; the model tests use a build of a few steps
+(seconds), not the full warm start."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from environments import load_environment
+from environments.pair_sums import PairSums, answer, feedback_text, marks, parse_fields, question, split_questions
+from sdpo.config import TeacherContextConfig
+from sdpo.teacher_context import build_teacher_contexts
+from sdpo.tiny.warmstart_feedback import synthetic_attempt, teacher_text, train_feedback_model
+
+TASK_PAIRS = [(3, 5), (7, 8), (2, 2), (9, 4)]
+
+
+def _make(pairs):
+    from environments.base import Task
+
+    return Task(id="t", messages=[{"role": "user", "content": question(pairs)}], data={"answer": answer(pairs)})
+
+
+def test_question_and_answer_format():
+    assert question(TASK_PAIRS) == "add pairs: 35 78 22 94"
+    assert answer(TASK_PAIRS) == "08 15 04 13"
+    assert parse_fields("08 15 04 13", 4) == [8, 15, 4, 13]
+    assert parse_fields(" 08 15 04 13\n", 4) == [8, 15, 4, 13]
+    for bad in ("08 15 04", "8 15 04 13", "08 15 04 13 00", "08  15 04 13", "0x 15 04 13", ""):
+        assert parse_fields(bad, 4) is None, bad
+
+
+def test_right_answer_scores_one_without_feedback():
+    env = PairSums()
+    v = env.verify(_make(TASK_PAIRS), "08 15 04 13")
+    assert v.reward == 1.0 and v.feedback is None
+    assert env.verify(_make(TASK_PAIRS), " 08 15 04 13 \n").reward == 1.0
+
+
+def test_feedback_marks_each_field_and_aligns():
+    env = PairSums(reveal=2)
+    v = env.verify(_make(TASK_PAIRS), "08 14 05 12")
+    assert v.reward == 0.0
+    got_line, mark_line = v.feedback.split("\n")
+    assert got_line == "got  08 14 05 12"
+    # 15 and 04 are the first two wrong fields: their right values; the third wrong one: a direction.
+    assert mark_line == "mark ok 15 04 lo"
+    # Each mark sits under the field it judges.
+    for i in range(4):
+        col = 5 + 3 * i
+        assert got_line[col:col + 2] == "08 14 05 12".split()[i]
+    assert len(got_line) == len(mark_line)
+
+
+def test_directions_when_nothing_is_revealed():
+    assert marks([9, 14, 4, 20], [8, 15, 4, 13], reveal=0) == ["hi", "lo", "ok", "hi"]
+    assert marks([9, 14, 4, 20], [8, 15, 4, 13], reveal=1) == ["08", "lo", "ok", "hi"]
+
+
+def test_feedback_never_prints_the_whole_answer():
+    rng = random.Random(0)
+    env = PairSums(fields=4, reveal=2)
+    for t in env.tasks("test")[:50]:
+        expected = t.data["answer"].split(" ")
+        wrong = " ".join(f"{(int(e) + rng.randint(1, 5)) % 19:02d}" for e in expected)  # every field wrong
+        v = env.verify(t, wrong)
+        assert v.reward == 0.0
+        mark_fields = v.feedback.split("\n")[1].split()[1:]
+        assert sum(m.isdigit() for m in mark_fields) == 2  # only `reveal` right values shown
+        assert t.data["answer"] not in v.feedback
+
+
+def test_malformed_answer_gets_format_feedback():
+    env = PairSums()
+    v = env.verify(_make(TASK_PAIRS), "8 15 4 13")
+    assert v.reward == 0.0
+    assert "not 4 two-digit sums" in v.feedback and "'8 15 4 13'" in v.feedback
+    long = env.verify(_make(TASK_PAIRS), "9" * 500)
+    assert len(long.feedback) < 200  # the quote is cut
+
+
+def test_no_feedback_mode():
+    v = PairSums(feedback=False).verify(_make(TASK_PAIRS), "08 14 04 13")
+    assert v.reward == 0.0 and v.feedback is None
+
+
+def test_splits_are_deterministic_and_disjoint():
+    test, train = split_questions("test", 4), split_questions("train", 4)
+    assert test == split_questions("test", 4)
+    assert len(test) == 256 and len(train) == 20_000
+    assert not {tuple(q) for q in test} & {tuple(q) for q in train}
+    assert split_questions("test", 5) != test  # the knob changes the task
+    with pytest.raises(ValueError, match="splits"):
+        split_questions("dev", 4)
+
+
+def test_bad_knobs_name_the_fix():
+    with pytest.raises(ValueError, match="reveal=4"):
+        PairSums(fields=4, reveal=4)
+    with pytest.raises(ValueError, match="fields=0"):
+        PairSums(fields=0)
+
+
+def test_loads_by_import_path_with_recipe_kwargs():
+    env = load_environment("environments.pair_sums:PairSums", {"fields": 6, "reveal": 1})
+    t = env.tasks("train")[0]
+    assert len(t.data["answer"].split(" ")) == 6
+    assert t.messages[0]["content"].startswith("add pairs: ")
+
+
+def test_warmstart_teacher_text_is_what_training_builds():
+    """The warm start teaches feedback through the exact teacher context SDPO builds (SPEC 2)."""
+    env, task = PairSums(), _make(TASK_PAIRS)
+    attempts = ["08 14 05 12", "09 15 04 13"]
+    verdicts = [env.verify(task, a) for a in attempts]
+    cfg = TeacherContextConfig()
+    contexts = build_teacher_contexts(task.messages, attempts, [v.reward for v in verdicts],
+                                      [v.feedback for v in verdicts], cfg)
+    for c, v in zip(contexts, verdicts):
+        assert c.has_feedback
+        assert c.messages[-1]["content"] == teacher_text(task.messages[-1]["content"], feedback=v.feedback)
+    assert teacher_text("q", solution="08").endswith("\nCorrect solution:\n\n08\n\nCorrectly solve the original question.")
+
+
+def test_synthetic_attempts_are_wrong():
+    rng = random.Random(1)
+    for pairs in split_questions("train", 4)[:300]:
+        attempt = synthetic_attempt(pairs, rng)
+        assert attempt != answer(pairs)
+
+
+def test_tiny_build_is_deterministic_and_generates():
+    """A few-step build (not the real warm start): same seed, same weights; the model generates."""
+    sizes = {"plain": 16, "feedback": 16, "solution": 8}
+    logs: list[str] = []
+    m1, tok, metrics = train_feedback_model(max_steps=3, pool_sizes=sizes, eval_tasks=4, log=logs.append)
+    m2, _, _ = train_feedback_model(max_steps=3, pool_sizes=sizes, eval_tasks=4, log=lambda _: None)
+    for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        assert torch.equal(p1, p2), name
+    assert metrics["steps"] == 3 and metrics["name"] == "tiny-pairsums-v1"
+    assert any("targets missed" in line for line in logs)  # 3 steps cannot reach 5%: said, not hidden
+    ids = tok.apply_chat_template([{"role": "user", "content": question(TASK_PAIRS)}], add_generation_prompt=True)
+    out = m1.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > len(ids)
