@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import ray
+import torch.distributed as dist
 
 from environments import Task, load_environment
 from sdpo.batch import build_batch
@@ -103,9 +104,12 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
                 learn_stats = learners.train_step(batch)  # teacher + student forwards, loss, step, teacher update
             with timer("weight_sync"):
                 rollout.sync_weights(learners, step, weights_dir)  # shm file, NCCL broadcast or CUDA IPC
-        # A rank died (RayActorError), a survivor failed in a collective with it (RayTaskError), or one
-        # hangs (LearnerTimeout): FSDP cannot go on without it, so the group restarts from the last checkpoint.
+        # A rank died, a survivor failed in a collective with it, or one hangs: FSDP cannot go on
+        # without it, so the group restarts from the last checkpoint. Any other error is a bug or bad
+        # input, which a restart would only repeat.
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, LearnerTimeout) as err:
+            if not learner_lost(err):
+                raise
             restarts += 1
             if restarts > cfg.checkpoint.max_learner_restarts:
                 raise RuntimeError(f"a learner rank died {restarts} times; resume later from {checkpoints.latest()}") from err
@@ -145,6 +149,15 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
     if started_ray:
         ray.shutdown()
     return {"before": before, "after": after, "run_dir": str(run_dir)}
+
+
+def learner_lost(err: Exception) -> bool:
+    """Whether a learner call failed because a rank is gone (as opposed to raising on its own)."""
+    if isinstance(err, (ray.exceptions.RayActorError, LearnerTimeout)):
+        return True
+    cause = getattr(err, "cause", None)
+    return isinstance(cause, (dist.DistBackendError, dist.DistNetworkError)) or any(
+        word in str(cause) for word in ("Connection closed by peer", "Connection reset by peer", "gloo", "NCCL"))
 
 
 def export_hf(learners: LearnerGroup, model_path: str, directory: Path) -> None:
