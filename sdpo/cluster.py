@@ -71,3 +71,22 @@ def start_ray(cfg: Config) -> bool:
         ray.init(address="local", num_cpus=cfg.ray.num_cpus or os.cpu_count(), include_dashboard=False,
                  runtime_env=env, log_to_driver=cfg.logging.actor_logs)
     return True
+
+
+def colocated_placement_group(cfg: Config):
+    """Colocated GPUs: one bundle per learner rank holding that rank's GPU share and its rollout
+    replica's, so that learner rank i and replica i land on the same GPU (CUDA IPC needs it).
+    None for every other placement."""
+    if cfg.device != "cuda" or cfg.rollout.placement != "colocated":
+        return None
+    import ray
+    from ray.util.placement_group import placement_group
+
+    r, l = cfg.rollout, cfg.learner
+    if r.replicas > l.world_size:
+        raise ValueError(f"rollout.placement=colocated puts replica i on learner rank i's GPU: rollout.replicas={r.replicas} "
+                         f"must be <= learner.world_size={l.world_size}")
+    bundle = {"GPU": l.num_gpus_per_rank + r.num_gpus_per_replica, "CPU": l.num_cpus_per_rank + r.num_cpus_per_replica}
+    group = placement_group([bundle] * l.world_size, strategy="PACK")
+    ray.get(group.ready())
+    return group

@@ -16,7 +16,7 @@ from environments import Task, load_environment
 from sdpo.batch import build_batch
 from sdpo.chat import chat_ids
 from sdpo.checkpoint import Checkpoints, size_bytes, step_of, truncate_metrics
-from sdpo.cluster import start_ray
+from sdpo.cluster import colocated_placement_group, start_ray
 from sdpo.config import Config
 from sdpo.env_pool import EnvPool
 from sdpo.learner.group import LearnerGroup, LearnerTimeout
@@ -42,7 +42,9 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
     log = RunLogger(cfg, run_dir)
 
     started_ray = start_ray(cfg)
-    rollout, envs, learners = RolloutPool(cfg, model_path), EnvPool(cfg.environment), LearnerGroup(cfg, model_path)
+    colocated = colocated_placement_group(cfg)  # None unless GPUs are shared by learner and rollout
+    rollout, envs = RolloutPool(cfg, model_path, colocated), EnvPool(cfg.environment)
+    learners = LearnerGroup(cfg, model_path, colocated)
     log.say(f"run dir {run_dir} | rollout engine: {rollout.engine_kind} x{cfg.rollout.replicas} | "
             f"learner: {cfg.learner.world_size} FSDP2 ranks, {learners.num_params / 1e6:.2f}M params")
     weights_dir = default_weights_dir(run_dir.name)
@@ -117,7 +119,7 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
                     f"from {checkpoints.latest() or 'the initial model'} ({restarts}/{cfg.checkpoint.max_learner_restarts})")
             restart_started = time.perf_counter()
             learners.shutdown()
-            learners = LearnerGroup(cfg, model_path)
+            learners = LearnerGroup(cfg, model_path, colocated)
             latest = checkpoints.latest()
             truncate_metrics(run_dir / "metrics.jsonl", after_step=step_of(latest))
             step, sampler, _ = restore(latest)

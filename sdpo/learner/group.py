@@ -13,13 +13,15 @@ from sdpo.learner.worker import LearnerWorker
 
 
 class LearnerGroup:
-    def __init__(self, cfg: Config, model_path: str):
+    def __init__(self, cfg: Config, model_path: str, placement_group=None):
+        """placement_group: colocated GPUs only; rank i goes to bundle i, next to rollout replica i."""
         self.cfg = cfg
         self._timeout = cfg.learner.call_timeout_s
         actor = ray.remote(LearnerWorker)
         opts = dict(num_cpus=cfg.learner.num_cpus_per_rank, num_gpus=cfg.learner.num_gpus_per_rank)
         size = cfg.learner.world_size
-        self.workers = [actor.options(**opts).remote(rank, size, cfg.model_dump_json(), model_path) for rank in range(size)]
+        self.workers = [actor.options(**opts, **_in_bundle(placement_group, rank)).remote(rank, size, cfg.model_dump_json(), model_path)
+                        for rank in range(size)]
         addr, port = ray.get(self.workers[0].rendezvous_address.remote())
         self.num_params = ray.get([w.setup.remote(addr, port) for w in self.workers])[0]
 
@@ -81,6 +83,14 @@ class LearnerGroup:
         ray.wait([w.shutdown.remote() for w in self.workers], num_returns=len(self.workers), timeout=timeout_s)
         for w in self.workers:
             ray.kill(w)
+
+
+def _in_bundle(group, index: int) -> dict:
+    if group is None:
+        return {}
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)}
 
 
 class LearnerTimeout(RuntimeError):
