@@ -90,9 +90,11 @@ def _padded_batch(prompts: list[list[int]], responses: list[list[int]], device: 
     return input_ids.to(device), attention_mask.to(device)
 
 
-def _response_rows(per_position: torch.Tensor, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
-    # Position t predicts token t+1: a response's predictions start one before it.
-    return torch.cat([per_position[row, len(p) - 1 : len(p) + len(r) - 1] for row, (p, r) in enumerate(zip(prompts, responses))])
+def _response_rows(per_position: torch.Tensor, prompts: list[list[int]], responses: list[list[int]], offset: int = 0) -> torch.Tensor:
+    # Position t predicts token t+1: a response's predictions start one before it. ``offset``: the
+    # row position of per_position's first column.
+    return torch.cat([per_position[row, len(p) - 1 - offset : len(p) + len(r) - 1 - offset]
+                      for row, (p, r) in enumerate(zip(prompts, responses))])
 
 
 def response_logits(model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], device: torch.device,
@@ -103,8 +105,11 @@ def response_logits(model: torch.nn.Module, prompts: list[list[int]], responses:
         # Only the response positions go through the LM head: the (long) teacher prompt gets no logits.
         return model(**row.forward_kwargs(), logits_to_keep=row.response_rows).logits[0]
     input_ids, attention_mask = _padded_batch(prompts, responses, device)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return _response_rows(logits, prompts, responses)
+    # LM head only from the earliest response prediction on (prompts get no logits); the kept
+    # positions are the last `keep` of each row.
+    keep = input_ids.shape[1] - min(len(p) for p in prompts) + 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep).logits
+    return _response_rows(logits, prompts, responses, offset=input_ids.shape[1] - keep)
 
 
 def response_hidden(model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], device: torch.device,
