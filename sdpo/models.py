@@ -6,13 +6,17 @@ import difflib
 import os
 from pathlib import Path
 
-EMBEDDED = {"tiny-arithmetic"}
+EMBEDDED = {"tiny-arithmetic", "tiny-pairsums"}
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def resolve_model_path(path: str) -> str:
     check_model_path(path)
+    if path == "tiny-pairsums":
+        from sdpo.tiny.warmstart_feedback import ensure_feedback_model
+
+        return ensure_feedback_model()
     if path in EMBEDDED:
         from sdpo.tiny.warmstart import ensure_tiny_model
 

@@ -13,6 +13,7 @@ from environments import load_environment
 from environments.pair_sums import PairSums, answer, feedback_text, marks, parse_fields, question, split_questions
 from sdpo.config import TeacherContextConfig
 from sdpo.teacher_context import build_teacher_contexts
+from sdpo.tiny.tokenizer import chat_ids
 from sdpo.tiny.warmstart_feedback import synthetic_attempt, teacher_text, train_feedback_model
 
 TASK_PAIRS = [(3, 5), (7, 8), (2, 2), (9, 4)]
@@ -142,6 +143,25 @@ def test_tiny_build_is_deterministic_and_generates():
         assert torch.equal(p1, p2), name
     assert metrics["steps"] == 3 and metrics["name"] == "tiny-pairsums-v1"
     assert any("targets missed" in line for line in logs)  # 3 steps cannot reach 5%: said, not hidden
-    ids = tok.apply_chat_template([{"role": "user", "content": question(TASK_PAIRS)}], add_generation_prompt=True)
+    ids = chat_ids(tok, [{"role": "user", "content": question(TASK_PAIRS)}])
     out = m1.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > len(ids)
+
+
+def test_saved_model_loads_as_hf_folder(tmp_path):
+    """What ensure_feedback_model writes is a plain Hugging Face folder that gives the same logits."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sdpo.models import check_model_path
+    from sdpo.tiny.warmstart_feedback import save_model
+
+    check_model_path("tiny-pairsums")  # an embedded name: accepted without building anything
+    model, tok, metrics = train_feedback_model(max_steps=1, pool_sizes={"plain": 4, "feedback": 4, "solution": 4},
+                                               eval_tasks=2, log=lambda _: None)
+    save_model(model, tok, metrics, str(tmp_path))
+    loaded, tok2 = AutoModelForCausalLM.from_pretrained(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
+    text = "add pairs: 35 78 22 94"
+    assert tok2.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
+    ids = torch.tensor([chat_ids(tok, [{"role": "user", "content": text}])])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=1e-5)
