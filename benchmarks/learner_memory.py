@@ -4,7 +4,9 @@ checkpointing), each in a fresh process, one after another, on the same batch.
 
 Figures are resident memory (CPU): "resident" before the step (student, teacher, buffers), and
 the high-water mark during the step, which includes AdamW's state (allocated by the first step)
-and the step's activations, logits and gradients. On a GPU, benchmarks/gpu/learner.py reports
+and the step's activations, logits and gradients. Compare peaks: transformers 5.24 (TRL's
+environment) leaves loaded weights in pages of the mmapped checkpoint that become resident only
+when first touched, so TRL's "resident" before the step undercounts its weights. On a GPU, benchmarks/gpu/learner.py reports
 torch.cuda.max_memory_allocated instead.
 
     .venv/bin/python benchmarks/learner_memory.py --trl-python /tmp/venv-trl/bin/python
@@ -79,8 +81,8 @@ def main() -> None:
     print(f"load average at end {load_average()}")
     for shape in a.shapes.split(","):
         by = {r["variant"]: r for r in rows if r["shape"] == shape}
-        print(f"RATIO {shape}: step memory trl / ours-packed = {by['trl']['step_mib'] / by['ours-packed']['step_mib']:.2f}, "
-              f"trl / ours-lean = {by['trl']['step_mib'] / by['ours-lean']['step_mib']:.2f}")
+        print(f"RATIO {shape}: peak memory trl / ours-packed = {by['trl']['peak_mib'] / by['ours-packed']['peak_mib']:.2f}, "
+              f"trl / ours-lean = {by['trl']['peak_mib'] / by['ours-lean']['peak_mib']:.2f}")
 
 
 if __name__ == "__main__":
