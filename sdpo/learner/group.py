@@ -26,8 +26,13 @@ class LearnerGroup:
         self.num_params = ray.get([w.setup.remote(addr, port) for w in self.workers])[0]
 
     def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
-        learner = self.cfg.learner
-        plans = plan_micro_batches(samples, len(self.workers), learner.samples_per_micro_batch, learner.max_tokens_per_micro_batch)
+        learner, loss = self.cfg.learner, self.cfg.loss
+        # Pure distillation: a sample without a teacher signal adds exactly 0 to the loss and its
+        # gradient, so its two forwards are skipped (the normalizers below still count it). Not with
+        # an entropy quantile, whose threshold is taken over every token of the batch.
+        skip = loss.objective == "sdpo" and loss.top_entropy_quantile == 1.0
+        trained = samples_to_train(samples, len(self.workers)) if skip else samples
+        plans = plan_micro_batches(trained, len(self.workers), learner.samples_per_micro_batch, learner.max_tokens_per_micro_batch)
         totals = Totals(sequences=len(samples), sd_tokens=sum(len(s.response_ids) for s in samples if s.sd_mask),
                         all_tokens=sum(len(s.response_ids) for s in samples))
         results = _get_all(self._timeout, [w.train_step.remote(plan, totals) for w, plan in zip(self.workers, plans)])
@@ -119,6 +124,17 @@ def balance(samples: list[TrainSample], ranks: int) -> list[list[TrainSample]]:
         lap, offset = divmod(position, ranks)
         shards[offset if lap % 2 == 0 else ranks - 1 - offset].append(samples[index])
     return shards
+
+
+def samples_to_train(samples: list[TrainSample], ranks: int) -> list[TrainSample]:
+    """The samples with a teacher signal, topped up with the shortest signal-less ones to a
+    non-zero multiple of ``ranks`` (every rank must run a forward: a step of zero gradients is
+    still an AdamW step, which differs from no gradients at all)."""
+    keep = [s for s in samples if s.sd_mask]
+    rest = sorted((s for s in samples if not s.sd_mask), key=lambda s: s.num_tokens)
+    while (len(keep) % ranks or not keep) and rest:
+        keep.append(rest.pop(0))
+    return keep
 
 
 def plan_micro_batches(samples: list[TrainSample], ranks: int, samples_per_micro_batch: int,
