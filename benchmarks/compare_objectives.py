@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--key", default="eval/success_t")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--plot", type=Path, help="default: OUT/success.png (e.g. OUT/teacher_probe.png with --key probe/teacher_success)")
+    parser.add_argument("--summary", type=Path, help="default: OUT/summary.md")
     parser.add_argument("extra", nargs="*", help="overrides for every run")
     args = parser.parse_args()
 
@@ -118,7 +120,7 @@ def main() -> None:
     for name, overrides in variants.items():
         results[name] = [curve(run(args.recipe, args.out, name, overrides.split(), s, extra), args.key) for s in args.seeds]
 
-    plot(results, args.key, args.out / "success.png")
+    plot(results, args.key, args.plot or args.out / "success.png")
     baseline = args.baseline or list(variants)[-1]
     target = mean_curve(results[baseline])[-1]
     lines = [f"| variant | overrides | {' | '.join(f'seed {s}' for s in args.seeds)} | mean final | first step (s) reaching {baseline}'s final {target[2]:.3f} | per seed: first step reaching it |",
@@ -142,8 +144,14 @@ def main() -> None:
                          f"(wall-clock ratio {hit[1] / target[1]:.2f}).")
         else:
             lines.append(f"\n{name} did not reach {baseline}'s final mean success within {target[0]} steps.")
+    # Training seconds on a shared machine swing with the load; the median step time per variant is
+    # the steadier estimate of what a step costs.
+    medians = {name: statistics.median(r["time/step_s"] for s in args.seeds for r in rows(args.out / f"{name}-seed{s}")
+                                       if "time/step_s" in r) for name in variants}
+    lines.append("\nmedian seconds per training step: " + ", ".join(f"{n} {m:.2f}" for n, m in medians.items())
+                 + "".join(f" ({n}/{baseline} = {m / medians[baseline]:.2f})" for n, m in medians.items() if n != baseline))
     table = "\n".join(lines)
-    (args.out / "summary.md").write_text(table + "\n")
+    (args.summary or args.out / "summary.md").write_text(table + "\n")
     print(table)
 
 
