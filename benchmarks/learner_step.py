@@ -10,6 +10,8 @@ Sides (each its own process, stepped in turn so that machine load falls on all a
   trl            TRL 1.16 SDPOTrainer, micro-batches of --micro samples (padded), gradient accumulation
   ours-padded    our learner, micro-batches of --micro samples (padded), the default path
   ours-packed    our learner, padding-free rows of --budget tokens (learner.max_tokens_per_micro_batch)
+  ours-packed-all  the same, but computing the samples without a teacher signal too (as TRL does;
+                 pure SDPO skips them: their loss and gradient are exactly 0)
 
     .venv/bin/python benchmarks/learner_step.py --trl-python /tmp/venv-trl/bin/python
 """
@@ -58,6 +60,11 @@ def main() -> None:
                           os.path.join(work, "ours-padded.log")))
         sides.append(Side("ours-packed", ours + ["--overrides", json.dumps([f"learner.max_tokens_per_micro_batch={budget}"])],
                           os.path.join(work, "ours-packed.log")))
+        # The same step computed on every sample (hybrid with a zero policy-gradient weight is SDPO's
+        # loss and gradient without skipping the signal-less samples): packing's share of the gain.
+        sides.append(Side("ours-packed-all", ours + ["--overrides", json.dumps([
+            f"learner.max_tokens_per_micro_batch={budget}", "loss.objective=hybrid", "loss.pg_weight=0",
+            "rollout.samples_per_prompt=2"])], os.path.join(work, "ours-packed-all.log")))
         load_before = load_average()
         results = interleave(sides, a.steps)
         load_after = load_average()
@@ -73,10 +80,11 @@ def main() -> None:
     trl_s = median_seconds(results["trl"])
     for name, records in results.items():
         s = median_seconds(records)
-        print(f"  {name:12s} median {s:7.3f} s/step  {tokens['forward'] / s:9.0f} forward tok/s  "
+        print(f"  {name:15s} median {s:7.3f} s/step  {tokens['forward'] / s:9.0f} forward tok/s  "
               f"{tokens['response'] / s:7.0f} response tok/s  x{trl_s / s:5.2f} vs trl  "
               f"(micro-batches {records[0]['micro_batches']}, loss {records[-1]['loss']:.4f})")
     print(f"RATIO ours-packed / trl tokens/s = {trl_s / median_seconds(results['ours-packed']):.2f}")
+    print(f"RATIO ours-packed-all / trl tokens/s = {trl_s / median_seconds(results['ours-packed-all']):.2f}")
     print(f"RATIO ours-padded / trl tokens/s = {trl_s / median_seconds(results['ours-padded']):.2f}")
 
 

@@ -28,7 +28,7 @@ def main() -> None:
     a = p.parse_args()
 
     from sdpo.batch import TrainSample
-    from sdpo.learner.group import plan_micro_batches
+    from sdpo.learner.group import rank_plans
     from sdpo.learner.objective import Totals
     from sdpo.learner.worker import LearnerWorker
     from sdpo.recipe import load_config
@@ -45,8 +45,7 @@ def main() -> None:
         port = s.getsockname()[1]
     worker = LearnerWorker(0, 1, cfg.model_dump_json(), a.model)
     worker.setup("127.0.0.1", port)
-    learner = cfg.learner
-    micros = plan_micro_batches(batch, 1, learner.samples_per_micro_batch, learner.max_tokens_per_micro_batch)[0]
+    micros = rank_plans(batch, 1, cfg)[0]  # what LearnerGroup.train_step hands rank 0
     totals = Totals(sequences=len(batch), sd_tokens=sum(len(s.response_ids) for s in batch if s.sd_mask),
                     all_tokens=sum(len(s.response_ids) for s in batch))
 

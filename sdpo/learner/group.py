@@ -26,13 +26,7 @@ class LearnerGroup:
         self.num_params = ray.get([w.setup.remote(addr, port) for w in self.workers])[0]
 
     def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
-        learner, loss = self.cfg.learner, self.cfg.loss
-        # Pure distillation: a sample without a teacher signal adds exactly 0 to the loss and its
-        # gradient, so its two forwards are skipped (the normalizers below still count it). Not with
-        # an entropy quantile, whose threshold is taken over every token of the batch.
-        skip = loss.objective == "sdpo" and loss.top_entropy_quantile == 1.0
-        trained = samples_to_train(samples, len(self.workers)) if skip else samples
-        plans = plan_micro_batches(trained, len(self.workers), learner.samples_per_micro_batch, learner.max_tokens_per_micro_batch)
+        plans = rank_plans(samples, len(self.workers), self.cfg)
         totals = Totals(sequences=len(samples), sd_tokens=sum(len(s.response_ids) for s in samples if s.sd_mask),
                         all_tokens=sum(len(s.response_ids) for s in samples))
         results = _get_all(self._timeout, [w.train_step.remote(plan, totals) for w, plan in zip(self.workers, plans)])
@@ -124,6 +118,18 @@ def balance(samples: list[TrainSample], ranks: int) -> list[list[TrainSample]]:
         lap, offset = divmod(position, ranks)
         shards[offset if lap % 2 == 0 else ranks - 1 - offset].append(samples[index])
     return shards
+
+
+def rank_plans(samples: list[TrainSample], ranks: int, cfg: Config) -> list[list[list[TrainSample]]]:
+    """Each rank's micro-batches for one step of ``samples``.
+
+    Pure distillation: a sample without a teacher signal adds exactly 0 to the loss and its
+    gradient, so its two forwards are skipped (the loss normalizers still count it). Not with an
+    entropy quantile, whose threshold is taken over every token of the batch."""
+    loss, learner = cfg.loss, cfg.learner
+    if loss.objective == "sdpo" and loss.top_entropy_quantile == 1.0:
+        samples = samples_to_train(samples, ranks)
+    return plan_micro_batches(samples, ranks, learner.samples_per_micro_batch, learner.max_tokens_per_micro_batch)
 
 
 def samples_to_train(samples: list[TrainSample], ranks: int) -> list[TrainSample]:
