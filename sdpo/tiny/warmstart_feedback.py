@@ -18,7 +18,7 @@ raise its plain success slowly. The build stops as soon as held-out success at t
 ``TARGET_SUCCESS`` (~5%) with the teacher at ``TARGET_TEACHER``. (Measured: switching to 32 plain
 examples a step once the teacher worked took the student 0.008 -> 0.148 within 10 steps, overshooting
 the target; with this mix it rose 0.004 -> 0.066 over the last 60 of 360 steps. Two builds under
-different machine load stopped at the same step with the same scores.) Teacher
+different machine load logged identical scores at every evaluation they shared, steps 10-340.) Teacher
 competence is measured as the SDPO probe does: the model's own failed samples, the environment's
 feedback on them, and the model answering from that teacher prompt.
 
