@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from transformers import Qwen2ForCausalLM
 
 from sdpo.batch import TrainSample
-from sdpo.learner.group import LearnerGroup, packed_length, plan_micro_batches, samples_to_train
+from sdpo.learner.group import LearnerGroup
+from sdpo.learner.micro_batches import packed_length, plan_micro_batches, samples_to_train
 from sdpo.learner.model import load_causal_lm, response_hidden, response_logits
 from sdpo.learner.packing import PACKED_SDPA, pack
 from sdpo.recipe import load_config

@@ -9,8 +9,10 @@ have built).
 
 Ours: one FSDP2 rank, padding-free rows of --budget tokens, chunked LM head + divergence.
 TRL: micro-batches of --micro samples, padded, gradient accumulation. Skipped, with a note, when
-`trl` does not import in this Python (the device machine has no TRL: carry it as wheels, with
-datasets, dill, multiprocess, pydantic, pydantic-core, annotated-types, typing-inspection).
+`trl` does not import in this Python. The device machine has neither TRL nor pydantic (which
+sdpo.config needs): carry as wheels pydantic, pydantic-core, annotated-types, typing-inspection
+(ours) and trl, datasets, dill, multiprocess (TRL). Our side needs no Ray (sdpo.learner.micro_batches
+and the worker import none).
 
 MFU = model FLOPs of the step (benchmarks/learner/workload.py:step_flops, the same count for both
 sides; no credit for recomputation) / (seconds x --peak-tflops, H200 dense bf16 989 by default).

@@ -28,7 +28,7 @@ def main() -> None:
     a = p.parse_args()
 
     from sdpo.batch import TrainSample
-    from sdpo.learner.group import rank_plans
+    from sdpo.learner.micro_batches import rank_plans
     from sdpo.learner.objective import Totals
     from sdpo.learner.worker import LearnerWorker
     from sdpo.recipe import load_config
