@@ -79,6 +79,20 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
         log.say(f"resumed from {path} (step {state['step']})")
         return state["step"], sampler, state["before"]
 
+    def restart_learners(err: Exception, step: int) -> LearnerGroup:
+        """A new learner group from the last checkpoint (or the initial model), the engine reset to match."""
+        started = time.perf_counter()
+        latest = checkpoints.latest()
+        log.say(f"learner rank lost at step {step} ({type(err).__name__}); restarting the learner group from "
+                f"{latest or 'the initial model'} ({restarts}/{cfg.checkpoint.max_learner_restarts})")
+        learners.shutdown()
+        fresh = LearnerGroup(cfg, model_path, colocated)
+        truncate_metrics(run_dir / "metrics.jsonl", after_step=step_of(latest))  # the replayed steps log again
+        if latest is None:
+            rollout.load_weights(fresh.export_weights(weights_dir, 0), version=0)
+        log.log(step_of(latest), {"learner/restarts": float(restarts), "learner/restart_s": time.perf_counter() - started})
+        return fresh
+
     step, sampler, before = restore(resume_from)
     probe_tasks = env.tasks(cfg.environment.eval_split)[: cfg.eval.teacher_probe_tasks]
     if before is None:
@@ -112,22 +126,12 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, LearnerTimeout) as err:
             if not learner_lost(err):
                 raise
+            if restarts >= cfg.checkpoint.max_learner_restarts:
+                raise RuntimeError(f"a learner rank was lost {restarts + 1} times; the last checkpoint is "
+                                   f"{checkpoints.latest()}: run the same command to resume from it") from err
             restarts += 1
-            if restarts > cfg.checkpoint.max_learner_restarts:
-                raise RuntimeError(f"a learner rank died {restarts} times; resume later from {checkpoints.latest()}") from err
-            log.say(f"learner rank died at step {step} ({type(err).__name__}); restarting the learner group "
-                    f"from {checkpoints.latest() or 'the initial model'} ({restarts}/{cfg.checkpoint.max_learner_restarts})")
-            restart_started = time.perf_counter()
-            learners.shutdown()
-            learners = LearnerGroup(cfg, model_path, colocated)
-            latest = checkpoints.latest()
-            truncate_metrics(run_dir / "metrics.jsonl", after_step=step_of(latest))
-            step, sampler, _ = restore(latest)
-            if latest is None:
-                rollout.load_weights(learners.export_weights(weights_dir, 0), version=0)
-            restart_s = time.perf_counter() - restart_started
-            log.log(step, {"learner/restarts": float(restarts), "learner/restart_s": restart_s})
-            log.say(f"learner group restarted in {restart_s:.1f} s; continuing after step {step}")
+            learners = restart_learners(err, step)
+            step, sampler, _ = restore(checkpoints.latest())  # uses the new group: restore reads `learners`
             continue
         step_s = time.perf_counter() - started
         log.log(step, {**rollout_stats(flat, groups, cfg, step), **teacher_stats, **learn_stats, **timer.seconds, "time/step_s": step_s,
