@@ -25,7 +25,7 @@ from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.rollout.transports.broadcast import join_weight_group
 from sdpo.rollout.transports.learner_side import iter_full_tensors, push_weights
-from sdpo.rollout.weights import _savable, write_weights
+from sdpo.rollout.weights import savable, write_weights
 
 
 class LearnerWorker:
@@ -236,7 +236,7 @@ class LearnerWorker:
         state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
             os.makedirs(directory, exist_ok=True)
-            save_file(_savable(state), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+            save_file(savable(state), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
         dist.barrier()
 
     def shutdown(self) -> None:

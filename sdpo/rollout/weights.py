@@ -28,7 +28,7 @@ def default_weights_dir(run_name: str) -> str:
     return os.path.join(base, f"sdpo-{getpass.getuser()}-{safe_name}-{os.getpid()}")
 
 
-def _savable(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def savable(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Contiguous CPU tensors that own their storage: safetensors refuses tensors that share
     memory (tied embeddings: embed_tokens and lm_head are one tensor) or are views of a larger one."""
     out: dict[str, torch.Tensor] = {}
@@ -53,7 +53,7 @@ def write_weights(state_dict: dict[str, torch.Tensor], directory: str, version: 
     path = os.path.join(directory, f"weights-v{version}.safetensors")
     # Readers must never see a half-written file: write under a temporary name, then rename.
     tmp = os.path.join(directory, f".weights-v{version}.safetensors.{os.getpid()}.tmp")
-    save_file(_savable(state_dict), tmp, metadata={"format": "pt", "sdpo_version": str(version)})
+    save_file(savable(state_dict), tmp, metadata={"format": "pt", "sdpo_version": str(version)})
     os.replace(tmp, path)
     for old in glob.glob(os.path.join(directory, "weights-v*.safetensors")):
         match = _PATTERN.search(os.path.basename(old))
