@@ -27,7 +27,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "learner"))
 
-from harness import Side, build_model, interleave, load_average, median_seconds  # noqa: E402
+from harness import build_model, interleave, load_average, median_seconds, started  # noqa: E402
 from workload import SHAPES, make_batch, save_batch, token_counts  # noqa: E402
 
 
@@ -52,25 +52,23 @@ def main() -> None:
     budget = a.budget or a.micro * sum(packed) // len(packed)
     ours = [sys.executable, os.path.join(HERE, "learner", "side_ours.py"), "--model", model, "--batch", batch_path,
             "--threads", str(a.threads)]
-    sides = []
-    try:
-        sides.append(Side("trl", [a.trl_python, os.path.join(HERE, "learner", "side_trl.py"), "--model", model, "--batch", batch_path,
-                                  "--micro", str(a.micro), "--threads", str(a.threads)], os.path.join(work, "trl.log")))
-        sides.append(Side("ours-padded", ours + ["--overrides", json.dumps([f"learner.samples_per_micro_batch={a.micro}"])],
-                          os.path.join(work, "ours-padded.log")))
-        sides.append(Side("ours-packed", ours + ["--overrides", json.dumps([f"learner.max_tokens_per_micro_batch={budget}"])],
-                          os.path.join(work, "ours-packed.log")))
+    specs = [
+        ("trl", [a.trl_python, os.path.join(HERE, "learner", "side_trl.py"), "--model", model, "--batch", batch_path,
+                 "--micro", str(a.micro), "--threads", str(a.threads)], os.path.join(work, "trl.log")),
+        ("ours-padded", ours + ["--overrides", json.dumps([f"learner.samples_per_micro_batch={a.micro}"])],
+         os.path.join(work, "ours-padded.log")),
+        ("ours-packed", ours + ["--overrides", json.dumps([f"learner.max_tokens_per_micro_batch={budget}"])],
+         os.path.join(work, "ours-packed.log")),
         # The same step computed on every sample (hybrid with a zero policy-gradient weight is SDPO's
         # loss and gradient without skipping the signal-less samples): packing's share of the gain.
-        sides.append(Side("ours-packed-all", ours + ["--overrides", json.dumps([
+        ("ours-packed-all", ours + ["--overrides", json.dumps([
             f"learner.max_tokens_per_micro_batch={budget}", "loss.objective=hybrid", "loss.pg_weight=0",
-            "rollout.samples_per_prompt=2"])], os.path.join(work, "ours-packed-all.log")))
+            "rollout.samples_per_prompt=2"])], os.path.join(work, "ours-packed-all.log")),
+    ]
+    with started(specs) as sides:
         load_before = load_average()
         results = interleave(sides, a.steps)
         load_after = load_average()
-    finally:
-        for side in sides:
-            side.close()
 
     tokens = token_counts(batch)
     print(f"model {a.shape}, {a.samples} samples, {tokens['forward']} forward tokens "

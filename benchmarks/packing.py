@@ -19,7 +19,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "learner"))
 
-from harness import Side, build_model, interleave, load_average, median_seconds  # noqa: E402
+from harness import build_model, interleave, load_average, median_seconds, started  # noqa: E402
 from workload import SHAPES, make_batch, save_batch, token_counts  # noqa: E402
 
 
@@ -54,18 +54,14 @@ def main() -> None:
     budget = a.micro * sum(packed) // len(packed)
     ours = [sys.executable, os.path.join(HERE, "learner", "side_ours.py"), "--model", model, "--batch", batch_path,
             "--threads", str(a.threads)]
-    sides = []
-    try:
-        sides.append(Side("padded", ours + ["--overrides", json.dumps([f"learner.samples_per_micro_batch={a.micro}"])],
-                          os.path.join(work, "padded.log")))
-        sides.append(Side("packed", ours + ["--overrides", json.dumps([f"learner.max_tokens_per_micro_batch={budget}"])],
-                          os.path.join(work, "packed.log")))
+    specs = [("padded", ours + ["--overrides", json.dumps([f"learner.samples_per_micro_batch={a.micro}"])],
+              os.path.join(work, "padded.log")),
+             ("packed", ours + ["--overrides", json.dumps([f"learner.max_tokens_per_micro_batch={budget}"])],
+              os.path.join(work, "packed.log"))]
+    with started(specs) as sides:
         load_before = load_average()
         results = interleave(sides, a.steps)
         load_after = load_average()
-    finally:
-        for side in sides:
-            side.close()
 
     tokens = token_counts(batch)
     print(f"model {a.shape}, {a.samples} samples, student lengths {lengths[0]}..{lengths[-1]} tokens, "

@@ -52,6 +52,16 @@ def _check_head(name: str, hidden: Tensor, weight: Tensor) -> None:
         )
 
 
+def _head_backward(grad_logits: Tensor, hidden: Tensor, weight: Tensor, rows: slice,
+                   grad_hidden: Tensor | None, grad_weight: Tensor | None) -> None:
+    """Push one chunk's logit gradient through ``logits = hidden @ weight.T`` into the preallocated
+    gradients (``grad_weight`` is the float32 accumulator over chunks)."""
+    if grad_hidden is not None:
+        grad_hidden[rows] = grad_logits @ weight
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype), hidden[rows].to(grad_weight.dtype))
+
+
 class _ChunkedDivergenceFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s_hidden, t_hidden, s_weight, t_weight, sampled_ids, alpha, topk, add_tail, chunk_tokens):
@@ -91,10 +101,7 @@ class _ChunkedDivergenceFn(torch.autograd.Function):
                 loss = divergence_per_token(logits, teacher_logits, alpha=alpha, topk=topk, add_tail=add_tail)
                 (grad_logits,) = torch.autograd.grad(loss, logits, grad_per_token[rows])
             del teacher_logits, loss, logits
-            if need_hidden:
-                grad_hidden[rows] = grad_logits @ s_weight
-            if need_weight:
-                grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype), s_hidden[rows].to(grad_weight.dtype))
+            _head_backward(grad_logits, s_hidden, s_weight, rows, grad_hidden, grad_weight)
         if need_weight:
             grad_weight = grad_weight.to(s_weight.dtype)
         # The teacher is a constant: no gradient to its hidden states or weight.
@@ -175,11 +182,7 @@ class _ChunkedTokenLogprobsFn(torch.autograd.Function):
             # d logp(y) / d logits = onehot(y) - softmax(logits)
             grad_logits = -g.unsqueeze(-1) * torch.softmax(F.linear(hidden[rows], weight).to(dtype), dim=-1)
             grad_logits.scatter_add_(-1, ids[rows].long().unsqueeze(-1), g.unsqueeze(-1))
-            grad_logits = grad_logits.to(hidden.dtype)
-            if need_hidden:
-                grad_hidden[rows] = grad_logits @ weight
-            if need_weight:
-                grad_weight.addmm_(grad_logits.t().to(grad_weight.dtype), hidden[rows].to(grad_weight.dtype))
+            _head_backward(grad_logits.to(hidden.dtype), hidden, weight, rows, grad_hidden, grad_weight)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.recipe, args.overrides)
         check_fits_locally(cfg)
         if not args.dry_run:  # a dry run stays offline-safe: it may describe a cluster recipe on a laptop
-            preflight(cfg)
+            environment = preflight(cfg)
     except (RecipeError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -41,15 +41,16 @@ def main(argv: list[str] | None = None) -> int:
     from sdpo.trainer import train
 
     try:
-        train(cfg)
+        train(cfg, environment)  # the environment and tasks the checks already read
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
     return 0
 
 
-def preflight(cfg: Config) -> None:
-    """The checks that need the machine (files, packages, devices) but not Ray."""
+def preflight(cfg: Config) -> tuple:
+    """The checks that need the machine (files, packages, devices) but not Ray. Returns the
+    environment and its tasks by split, built and read here, for the trainer to use."""
     from sdpo.metrics import require_tensorboard
     from sdpo.models import check_model_path
 
@@ -60,7 +61,7 @@ def preflight(cfg: Config) -> None:
     check_run_dir(cfg.logging.run_dir, cfg.name)
     if cfg.logging.tensorboard:
         require_tensorboard()
-    check_environment(cfg.environment)
+    return check_environment(cfg.environment)
 
 
 def check_gpus_locally(cfg: Config) -> None:
@@ -91,9 +92,9 @@ def check_run_dir(template: str, name: str) -> None:
         raise ValueError(f"logging.run_dir={template!r}: {existing} is not writable")
 
 
-def check_environment(env_cfg: EnvironmentConfig) -> None:
+def check_environment(env_cfg: EnvironmentConfig) -> tuple:
     """Builds the environment and reads both splits, so a missing dataset or a task without the
-    fields the chat template needs fails now, not in the first step."""
+    fields the chat template needs fails now, not in the first step. Returns (environment, tasks by split)."""
     from environments import Task, load_environment
 
     name, kwargs = env_cfg.name, env_cfg.kwargs
@@ -104,10 +105,11 @@ def check_environment(env_cfg: EnvironmentConfig) -> None:
     except Exception as err:  # the class's constructor: a missing file, a bad argument value
         raise ValueError(f"environment.name={name!r} with environment.kwargs={kwargs}: building it raised "
                          f"{type(err).__name__}: {err}") from None
+    tasks_by_split = {}
     for key, split in (("environment.train_split", env_cfg.train_split), ("environment.eval_split", env_cfg.eval_split)):
         where = f"{name} tasks({split!r}) ({key}={split!r}, environment.kwargs={kwargs})"
         try:
-            tasks = list(env.tasks(split))
+            tasks = tasks_by_split[split] = list(env.tasks(split))
         except Exception as err:  # e.g. KeyError: a dataset row without the field the environment reads
             raise ValueError(f"{where} raised {type(err).__name__}: {err}. Check the split name and that the "
                              "dataset has the fields this environment reads") from None
@@ -118,6 +120,7 @@ def check_environment(env_cfg: EnvironmentConfig) -> None:
             if problem:
                 label = f"task {getattr(task, 'id', index)!r} (#{index})"
                 raise ValueError(f"{where}: {label} {problem}")
+    return env, tasks_by_split
 
 
 def task_problem(task, task_type: type) -> str | None:

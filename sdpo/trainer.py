@@ -28,9 +28,13 @@ from sdpo.rollout.pool import RolloutPool
 from sdpo.rollout.weights import default_weights_dir
 
 
-def train(cfg: Config) -> dict[str, dict[str, float]]:
-    env = load_environment(cfg.environment.name, cfg.environment.kwargs)
-    train_tasks, eval_tasks = env.tasks(cfg.environment.train_split), env.tasks(cfg.environment.eval_split)[: cfg.eval.max_tasks]
+def train(cfg: Config, environment: tuple | None = None) -> dict[str, dict[str, float]]:
+    """``environment``: (env, tasks by split) already built and read (by ``sdpo.run``'s checks), else built here."""
+    env, tasks_by_split = environment or (load_environment(cfg.environment.name, cfg.environment.kwargs), {})
+    split_tasks = {split: tasks_by_split.get(split) or list(env.tasks(split))
+                   for split in {cfg.environment.train_split, cfg.environment.eval_split}}
+    train_tasks, held_out = split_tasks[cfg.environment.train_split], split_tasks[cfg.environment.eval_split]
+    eval_tasks, probe_tasks = held_out[: cfg.eval.max_tasks], held_out[: cfg.eval.teacher_probe_tasks]
     model_path = resolve_model_path(cfg.model.path)
     tokenizer = load_tokenizer(model_path)
     stops = stop_token_ids(model_path, tokenizer)
@@ -94,7 +98,6 @@ def train(cfg: Config) -> dict[str, dict[str, float]]:
         return fresh
 
     step, sampler, before = restore(resume_from)
-    probe_tasks = env.tasks(cfg.environment.eval_split)[: cfg.eval.teacher_probe_tasks]
     if before is None:
         before = evaluate(0)
         if cfg.eval.teacher_probe_every_steps:

@@ -153,7 +153,7 @@ def test_saved_model_loads_as_hf_folder(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sdpo.models import check_model_path
-    from sdpo.tiny.warmstart_feedback import save_model
+    from sdpo.tiny.cache import save_model
 
     check_model_path("tiny-pairsums")  # an embedded name: accepted without building anything
     model, tok, metrics = train_feedback_model(max_steps=1, pool_sizes={"plain": 4, "feedback": 4, "solution": 4},

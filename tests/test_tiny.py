@@ -20,7 +20,8 @@ from environments.arithmetic import split_pairs
 from sdpo.config import TeacherContextConfig
 from sdpo.tiny.model import tiny_model_config
 from sdpo.tiny.tokenizer import build_tokenizer, chat_ids
-from sdpo.tiny.warmstart import REQUIRED_FILES, ensure_tiny_model, success_rate, teacher_user_text, train_tiny_model
+from sdpo.tiny.cache import REQUIRED_FILES
+from sdpo.tiny.warmstart import ensure_tiny_model, success_rate, teacher_user_text, train_tiny_model
 
 MESSAGES = [
     {"role": "system", "content": "Answer with a number."},

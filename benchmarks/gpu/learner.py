@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LEARNER = os.path.join(HERE, "..", "learner")
 sys.path.insert(0, LEARNER)
 
-from harness import Side, build_model, interleave, load_average, median_seconds  # noqa: E402
+from harness import build_model, interleave, load_average, median_seconds, started  # noqa: E402
 from workload import SHAPES, make_batch, save_batch, step_flops, token_counts  # noqa: E402
 
 
@@ -76,23 +76,20 @@ def main() -> None:
         overrides = [f"learner.max_tokens_per_micro_batch={a.budget}", f"loss.chunk_tokens={a.chunk_tokens}"]
         if bf16:
             overrides.append("learner.mixed_precision=bf16")
-        sides = []
-        try:
-            if with_trl:
-                sides.append(Side("trl", [a.trl_python, os.path.join(LEARNER, "side_trl.py"), "--model", model, "--batch", batch_path,
-                                          "--micro", str(a.micro), "--device", a.device] + (["--bf16"] if bf16 else []),
-                                  os.path.join(work, f"{shape}-trl.log")))
-            sides.append(Side("ours", [sys.executable, os.path.join(LEARNER, "side_ours.py"), "--model", model, "--batch", batch_path,
-                                       "--device", a.device, "--overrides", json.dumps(overrides)],
-                              os.path.join(work, f"{shape}-ours.log")))
+        specs = []
+        if with_trl:
+            specs.append(("trl", [a.trl_python, os.path.join(LEARNER, "side_trl.py"), "--model", model, "--batch", batch_path,
+                                  "--micro", str(a.micro), "--device", a.device] + (["--bf16"] if bf16 else []),
+                          os.path.join(work, f"{shape}-trl.log")))
+        specs.append(("ours", [sys.executable, os.path.join(LEARNER, "side_ours.py"), "--model", model, "--batch", batch_path,
+                               "--device", a.device, "--overrides", json.dumps(overrides)],
+                      os.path.join(work, f"{shape}-ours.log")))
+        with started(specs) as sides:
             for side in sides:
                 side.ask("reset_peak")
             load = load_average()
             results = interleave(sides, a.steps)
             memory = {side.name: side.ask("memory") for side in sides}
-        finally:
-            for side in sides:
-                side.close()
         tokens, flops = token_counts(batch), step_flops(batch, shape)
         for name, records in results.items():
             s = median_seconds(records)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -58,6 +59,19 @@ class Side:
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.proc.kill()  # our own child only
         self.log.close()
+
+
+@contextlib.contextmanager
+def started(specs: list[tuple[str, list[str], str]]):
+    """Start one Side per (name, argv, log path); every one started is closed on the way out."""
+    sides: list[Side] = []
+    try:
+        for name, argv, log_path in specs:
+            sides.append(Side(name, argv, log_path))
+        yield sides
+    finally:
+        for side in sides:
+            side.close()
 
 
 def interleave(sides: list[Side], steps: int, warmup: int = 1) -> dict[str, list[dict]]:

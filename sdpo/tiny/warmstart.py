@@ -24,12 +24,6 @@ answer shown at 0.88-0.93 (seed 3, switching phase at 0.6, needed 350 steps). Se
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import json
-import os
-import shutil
-import tempfile
 import time
 from typing import Callable
 
@@ -39,13 +33,12 @@ from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from environments.arithmetic import question, split_pairs
 from sdpo.config import TeacherContextConfig
-from sdpo.tiny.model import tiny_generation_config, tiny_model_config
+from sdpo.tiny.model import tiny_model_config
+from sdpo.tiny.cache import cli, ensure_built
 from sdpo.tiny.tokenizer import build_tokenizer, chat_ids
 
 # Bump the suffix whenever anything below changes the weights (recipe, data, architecture).
 MODEL_NAME = "tiny-arithmetic-v2"
-REQUIRED_FILES = ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                  "tokenizer_config.json", "warmstart.json")
 
 SEED = 0
 LR = 7e-4  # 2e-3 learns copying as fast but adding far less reliably (seed 1: 0.07 after 400 steps)
@@ -60,10 +53,6 @@ TARGET_WITH_SOLUTION = 0.85
 MAX_STEPS = 360  # expected stop at ~275-350 steps (~2-2.5 min on 2 idle cores)
 EVAL_SEED = 1234  # sampling seed of every evaluation, so the stopping point is deterministic
 MAX_NEW_TOKENS = 6  # 3 digits + EOS, plus slack so that over-long answers are counted as failures
-
-
-def default_cache_dir() -> str:
-    return os.environ.get("SDPO_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sdpo")
 
 
 def teacher_user_text(q: str, solution: str, templates: TeacherContextConfig | None = None) -> str:
@@ -233,84 +222,19 @@ def _train(seed, max_steps, target, target_with_solution, log):
     return model, tok, metrics
 
 
-def is_complete(path: str) -> bool:
-    return all(os.path.isfile(os.path.join(path, f)) for f in REQUIRED_FILES)
-
-
-@contextlib.contextmanager
-def _build_lock(path: str):
-    """Lets a second process wait for the first build instead of training a copy of its own. The
-    atomic rename below is what keeps the result correct; the lock only saves work (POSIX only)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no lock, both build, the loser uses the winner's directory
-        yield
-        return
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _make_readable(path: str) -> None:
-    """mkdtemp (and the safetensors writer) create owner-only files; a shared cache must be readable
-    by the other users of the machine."""
-    os.chmod(path, 0o755)
-    for name in os.listdir(path):
-        os.chmod(os.path.join(path, name), 0o644)
-
-
 def ensure_tiny_model(cache_dir: str | None = None, log: Callable[[str], None] = print, force: bool = False) -> str:
     """Path of the warm-started tiny model (a Hugging Face model directory), built on first use."""
-    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
-    target = os.path.join(cache_dir, MODEL_NAME)
-    if is_complete(target) and not force:
-        return target
-    os.makedirs(cache_dir, exist_ok=True)
-    with _build_lock(target + ".lock"):
-        if is_complete(target) and not force:  # another process built it while we waited
-            return target
-        log(f"[tiny] building {target} (about 2 minutes on 2 CPU cores)")
-        model, tok, metrics = train_tiny_model(log=log)
-        tmp = tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=cache_dir)
-        try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tiny_generation_config(model.config).save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            with open(os.path.join(tmp, "warmstart.json"), "w") as fh:
-                json.dump(metrics, fh, indent=2)
-            _make_readable(tmp)
-            if os.path.exists(target) and (force or not is_complete(target)):  # leftover or --force
-                old = tempfile.mkdtemp(prefix=f".{MODEL_NAME}.old-", dir=cache_dir)
-                os.replace(target, os.path.join(old, "x"))
-                shutil.rmtree(old, ignore_errors=True)
-            try:
-                os.rename(tmp, target)  # atomic: readers see no directory or a complete one
-            except OSError:
-                if not is_complete(target):  # lost a race (no lock): use the winner's, else fail
-                    raise
-                log(f"[tiny] another process built {target} first; using it")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        log(f"[tiny] saved {target}: held-out success {metrics['heldout_success_t1']:.2f} (T=1), "
+    path, metrics = ensure_built(MODEL_NAME, lambda: train_tiny_model(log=log), cache_dir=cache_dir, force=force,
+                                 log=log, expected="about 2 minutes")
+    if metrics is not None:
+        log(f"[tiny] saved {path}: held-out success {metrics['heldout_success_t1']:.2f} (T=1), "
             f"{metrics['heldout_success_greedy']:.2f} (greedy), {metrics['with_solution_success_t1']:.2f} with "
             f"the solution shown; {metrics['steps']} steps, {metrics['seconds']}s")
-    return target
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sdpo.tiny.warmstart", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-dir", default=None, help="default: $SDPO_CACHE_DIR or ~/.cache/sdpo")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the model is already there")
-    args = parser.parse_args(argv)
-    path = ensure_tiny_model(args.cache_dir, force=args.force)
-    with open(os.path.join(path, "warmstart.json")) as fh:
-        metrics = json.load(fh)
-    metrics.pop("history", None)
-    print(path)
-    print(json.dumps(metrics, indent=2))
+    cli("python -m sdpo.tiny.warmstart", __doc__.split("\n\n")[0], ensure_tiny_model, argv)
 
 
 if __name__ == "__main__":

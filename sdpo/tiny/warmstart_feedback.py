@@ -27,12 +27,7 @@ feedback on them, and the model answering from that teacher prompt.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import random
-import shutil
-import tempfile
 import time
 from typing import Callable
 
@@ -41,9 +36,10 @@ from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from environments.pair_sums import PairSums, answer, feedback_text, question, split_questions
 from sdpo.config import TeacherContextConfig
-from sdpo.tiny.model import tiny_generation_config, tiny_model_config
+from sdpo.tiny.model import tiny_model_config
 from sdpo.tiny.tokenizer import build_tokenizer, chat_ids
-from sdpo.tiny.warmstart import _build_lock, _loss_sum, _make_readable, default_cache_dir, is_complete
+from sdpo.tiny.cache import cli, ensure_built
+from sdpo.tiny.warmstart import _loss_sum
 
 # Bump the suffix whenever anything below changes the weights (recipe, data, task, architecture).
 MODEL_NAME = "tiny-pairsums-v1"
@@ -258,53 +254,18 @@ def _train(seed, max_steps, target, pool_sizes, eval_tasks, log):
     return model, tok, metrics
 
 
-def save_model(model, tok, metrics: dict, path: str) -> None:
-    model.save_pretrained(path, safe_serialization=True)
-    tiny_generation_config(model.config).save_pretrained(path)
-    tok.save_pretrained(path)
-    with open(os.path.join(path, "warmstart.json"), "w") as fh:
-        json.dump(metrics, fh, indent=2)
-
-
 def ensure_feedback_model(cache_dir: str | None = None, log: Callable[[str], None] = print, force: bool = False) -> str:
     """Path of the warm-started pair-sums model (a Hugging Face model directory), built on first use."""
-    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
-    target = os.path.join(cache_dir, MODEL_NAME)
-    if is_complete(target) and not force:
-        return target
-    os.makedirs(cache_dir, exist_ok=True)
-    with _build_lock(target + ".lock"):
-        if is_complete(target) and not force:  # another process built it while we waited
-            return target
-        log(f"[tiny] building {target} (a few minutes on 2 CPU cores)")
-        model, tok, metrics = train_feedback_model(log=log)
-        tmp = tempfile.mkdtemp(prefix=f".{MODEL_NAME}.tmp-", dir=cache_dir)
-        try:
-            save_model(model, tok, metrics, tmp)
-            _make_readable(tmp)
-            if os.path.exists(target):  # a leftover or --force: move it aside, then swap atomically
-                old = tempfile.mkdtemp(prefix=f".{MODEL_NAME}.old-", dir=cache_dir)
-                os.replace(target, os.path.join(old, "x"))
-                shutil.rmtree(old, ignore_errors=True)
-            os.rename(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        log(f"[tiny] saved {target}: held-out success {metrics['heldout_success_t1']:.3f} (T=1), teacher with "
+    path, metrics = ensure_built(MODEL_NAME, lambda: train_feedback_model(log=log), cache_dir=cache_dir, force=force,
+                                 log=log, expected="a few minutes")
+    if metrics is not None:
+        log(f"[tiny] saved {path}: held-out success {metrics['heldout_success_t1']:.3f} (T=1), teacher with "
             f"feedback {metrics['teacher_with_feedback_t1']:.3f}; {metrics['steps']} steps, {metrics['seconds']}s")
-    return target
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sdpo.tiny.warmstart_feedback", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache-dir", default=None, help="default: $SDPO_CACHE_DIR or ~/.cache/sdpo")
-    parser.add_argument("--force", action="store_true", help="rebuild even if the model is already there")
-    args = parser.parse_args(argv)
-    path = ensure_feedback_model(args.cache_dir, force=args.force)
-    with open(os.path.join(path, "warmstart.json")) as fh:
-        metrics = json.load(fh)
-    metrics.pop("history", None)
-    print(path)
-    print(json.dumps(metrics, indent=2))
+    cli("python -m sdpo.tiny.warmstart_feedback", __doc__.split("\n\n")[0], ensure_feedback_model, argv)
 
 
 if __name__ == "__main__":
