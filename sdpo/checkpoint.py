@@ -57,7 +57,7 @@ class Checkpoints:
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            learners.save_checkpoint(str(tmp))
+            learners.call("save_checkpoint", str(tmp))
             torch.save(driver_state, tmp / "driver.pt")
             (tmp / "config.yaml").write_text(to_yaml(self.cfg))
             (tmp / "COMPLETE").write_text(f"step {step}\n")

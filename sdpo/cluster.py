@@ -1,4 +1,4 @@
-"""Attaching to Ray and deciding where actors go."""
+"""Attaching to Ray, deciding where actors go, and starting them."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ ACTOR_ENV = {"VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false",
 def placement(cfg: Config) -> list[dict]:
     """What each role asks Ray for. Phases run one after another, so fractional CPUs are a
     scheduling budget, not a thread count (threads are set per role)."""
-    r, l, e = cfg.rollout, cfg.learner, cfg.environment
+    r, lrn, e = cfg.rollout, cfg.learner, cfg.environment
     return [
         {"role": "rollout", "count": r.replicas, "num_cpus": r.num_cpus_per_replica, "num_gpus": r.num_gpus_per_replica,
          "threads": r.torch_threads_per_replica, "engine": r.engine},
         {"role": "environment", "count": e.workers, "num_cpus": e.num_cpus_per_worker, "num_gpus": 0.0, "threads": 1,
          "engine": e.name},
-        {"role": "learner", "count": l.world_size, "num_cpus": l.num_cpus_per_rank, "num_gpus": l.num_gpus_per_rank,
-         "threads": l.torch_threads_per_rank, "engine": f"FSDP2 over {'nccl' if cfg.device == 'cuda' else 'gloo'}"},
+        {"role": "learner", "count": lrn.world_size, "num_cpus": lrn.num_cpus_per_rank, "num_gpus": lrn.num_gpus_per_rank,
+         "threads": lrn.torch_threads_per_rank, "engine": f"FSDP2 over {'nccl' if cfg.device == 'cuda' else 'gloo'}"},
         {"role": "driver", "count": 1, "num_cpus": 0.0, "num_gpus": 0.0, "threads": 1, "engine": "holds no weights"},
     ]
 
@@ -73,6 +73,21 @@ def start_ray(cfg: Config) -> bool:
     return True
 
 
+def start_actor(cls, args: tuple = (), kwargs: dict | None = None, *, num_cpus: float, num_gpus: float = 0.0,
+                placement_group=None, bundle: int = 0, **options):
+    """``cls(*args, **kwargs)`` as a Ray actor (``cls``: a plain class, or one already wrapped by
+    ray.remote), inside bundle ``bundle`` of ``placement_group`` when one is given; ``options``: more
+    actor options (e.g. max_restarts). The one way the driver makes actors."""
+    import ray
+
+    if placement_group is not None:
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=bundle)
+    actor = cls if isinstance(cls, ray.actor.ActorClass) else ray.remote(cls)
+    return actor.options(num_cpus=num_cpus, num_gpus=num_gpus, **options).remote(*args, **(kwargs or {}))
+
+
 def colocated_placement_group(cfg: Config):
     """Colocated GPUs: one bundle per learner rank holding that rank's GPU share and its rollout
     replica's, so that learner rank i and replica i land on the same GPU (CUDA IPC needs it).
@@ -82,11 +97,11 @@ def colocated_placement_group(cfg: Config):
     import ray
     from ray.util.placement_group import placement_group
 
-    r, l = cfg.rollout, cfg.learner
-    if r.replicas > l.world_size:
+    r, lrn = cfg.rollout, cfg.learner
+    if r.replicas > lrn.world_size:
         raise ValueError(f"rollout.placement=colocated puts replica i on learner rank i's GPU: rollout.replicas={r.replicas} "
-                         f"must be <= learner.world_size={l.world_size}")
-    bundle = {"GPU": l.num_gpus_per_rank + r.num_gpus_per_replica, "CPU": l.num_cpus_per_rank + r.num_cpus_per_replica}
-    group = placement_group([bundle] * l.world_size, strategy="PACK")
+                         f"must be <= learner.world_size={lrn.world_size}")
+    bundle = {"GPU": lrn.num_gpus_per_rank + r.num_gpus_per_replica, "CPU": lrn.num_cpus_per_rank + r.num_cpus_per_replica}
+    group = placement_group([bundle] * lrn.world_size, strategy="PACK")
     ray.get(group.ready())
     return group

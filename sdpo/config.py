@@ -196,6 +196,12 @@ class Config(Section):
     def samples_per_step(self) -> int:
         return self.prompts_per_step * self.rollout.samples_per_prompt
 
+    @property
+    def has_separate_teacher(self) -> bool:
+        """Whether the learner keeps teacher weights apart from the student's: not for a live
+        teacher (the current policy) nor for GRPO (no teacher at all)."""
+        return self.loss.objective != "grpo" and self.teacher.kind != "live"
+
     @model_validator(mode="after")
     def _combinations(self) -> "Config":
         samples, ranks = self.samples_per_step, self.learner.world_size

@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from environments import Environment, Task, Verdict, load_environment
+from sdpo.cluster import start_actor
 from sdpo.config import EnvironmentConfig
 
 
@@ -188,8 +189,8 @@ class EnvPool:
     def __init__(self, cfg: EnvironmentConfig):
         self.cfg = cfg
         self.name = absolute_file_path(cfg.name)
-        actor = ray.remote(EnvWorker).options(num_cpus=cfg.num_cpus_per_worker, max_restarts=-1, max_task_retries=0)
-        self.workers = [actor.remote(self.name, cfg.kwargs) for _ in range(cfg.workers)]
+        self.workers = [start_actor(EnvWorker, (self.name, cfg.kwargs), num_cpus=cfg.num_cpus_per_worker, max_restarts=-1,
+                                    max_task_retries=0) for _ in range(cfg.workers)]
         self.failures: dict[str, int] = {}
         self.restarting: set[int] = set()  # workers whose process died; wait for them before new work
 

@@ -14,41 +14,36 @@ the live policy (or GRPO, which has none); for trust_region, the initial model i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from environments import Task
-from sdpo.batch import build_batch
-from sdpo.chat import chat_ids
-from sdpo.config import Config
+
+if TYPE_CHECKING:
+    from sdpo.trainer import Run
 
 
-def probe_teacher(cfg: Config, tasks: list[Task], rollout, envs, learners, tokenizer, stops: list[int],
-                  weights_dir: str, step: int) -> dict[str, float]:
+def probe_teacher(run: Run, tasks: list[Task], step: int) -> dict[str, float]:
+    """``run``: the trainer's parts (``sample_and_verify``, ``teacher_contexts``, ``serve_weights``)."""
+    cfg = run.cfg
     n = cfg.eval.teacher_probe_samples
-    sampling = dict(top_p=cfg.rollout.top_p, max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stops)
     seed = 20_000_003 + cfg.seed  # the same probe at every step, so the curve shows the teacher, not the dice
-
-    prompt_ids = [chat_ids(tokenizer, t.messages) for t in tasks]
-    groups = rollout.generate(prompt_ids, n=n, temperature=cfg.rollout.temperature, seed=seed, **sampling)
-    texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
-    flat = envs.verify([t for t in tasks for _ in range(n)], texts, group_size=n)
-    verdicts = [flat[i * n : (i + 1) * n] for i in range(len(tasks))]
+    students = run.sample_and_verify(tasks, n, cfg.rollout.temperature, seed)
     # The task's own demonstration counts too: it is the "correct demonstration" the probe shows
     # when no sibling succeeded.
     context_cfg = cfg.teacher_context
     if context_cfg.demonstration_source == "rollouts" and any(t.demonstration for t in tasks):
         context_cfg = context_cfg.model_copy(update={"demonstration_source": "both"})
-    samples, _ = build_batch(tasks, prompt_ids, groups, verdicts, tokenizer, context_cfg)
+    samples, _ = run.teacher_contexts(students, context_cfg)
     taught = [(s, tasks[i // n]) for i, s in enumerate(samples) if s.sd_mask]
-    student_success = sum(v.reward >= context_cfg.success_threshold for v in flat) / len(flat)
+    student_success = students.success_frac(context_cfg.success_threshold)
     if not taught:
         return {"probe/student_success": student_success, "probe/contexts": 0.0}
 
-    separate = learners.has_separate_teacher
-    if separate:  # the engine answers with the teacher's weights, then gets the student's back
-        rollout.load_weights(learners.export_weights(weights_dir + "-teacher", step, teacher=True), version=step)
-    answers = rollout.generate([s.teacher_prompt_ids for s, _ in taught], n=1, temperature=cfg.eval.temperature, seed=seed + 1, **sampling)
-    if separate:
-        rollout.load_weights(learners.export_weights(weights_dir, step), version=step)
-    answer_texts = [tokenizer.decode(g[0].token_ids, skip_special_tokens=True) for g in answers]
-    teacher_verdicts = envs.verify([task for _, task in taught], answer_texts)
-    teacher_success = sum(v.reward >= context_cfg.success_threshold for v in teacher_verdicts) / len(teacher_verdicts)
-    return {"probe/teacher_success": teacher_success, "probe/student_success": student_success, "probe/contexts": float(len(taught))}
+    if cfg.has_separate_teacher:  # the engine answers with the teacher's weights, then gets the student's back
+        run.serve_weights(step, teacher=True)
+    teachers = run.sample_and_verify([task for _, task in taught], 1, cfg.eval.temperature, seed + 1,
+                                     prompt_ids=[s.teacher_prompt_ids for s, _ in taught])
+    if cfg.has_separate_teacher:
+        run.serve_weights(step)
+    return {"probe/teacher_success": teachers.success_frac(context_cfg.success_threshold),
+            "probe/student_success": student_success, "probe/contexts": float(len(taught))}

@@ -38,13 +38,17 @@ def main(argv: list[str] | None = None) -> int:
         print(describe_placement(cfg))
         return 0
     from sdpo.checkpoint import CheckpointError
-    from sdpo.trainer import train
+    from sdpo.trainer import Interrupted, train
 
     try:
         train(cfg, environment)  # the environment and tasks the checks already read
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the trainer has cleaned up; one line, no traceback
+        hint = err.resume_hint(args.recipe, args.overrides) if isinstance(err, Interrupted) else "interrupted"
+        print(f"\n{hint}", file=sys.stderr)
+        return 128 + getattr(err, "signum", 2)
     return 0
 
 

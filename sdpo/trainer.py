@@ -1,19 +1,30 @@
-"""The SDPO loop. One step: generate, verify, build teacher contexts, learn (the teacher update
+"""The SDPO loop. One step: sample and verify, build teacher contexts, learn (the teacher update
 happens inside the learner), sync weights. The driver holds no weights; it moves token ids and
-file paths between actors."""
+file paths between actors.
+
+``train`` is the whole loop and reads top to bottom; ``Run`` holds the run's parts and does one
+job per method. However the run ends (done, an exception, Ctrl-C, SIGTERM), ``Run.close`` stops the
+actors, removes the weight files from /dev/shm and closes the metrics file.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import glob
+import os
 import random
+import shlex
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
 import ray
 import torch.distributed as dist
 
-from environments import Task, load_environment
-from sdpo.batch import build_batch
+from environments import Task, Verdict, load_environment
+from sdpo.batch import TrainSample, build_batch
 from sdpo.chat import chat_ids
 from sdpo.checkpoint import Checkpoints, size_bytes, step_of, truncate_metrics
 from sdpo.cluster import colocated_placement_group, start_ray
@@ -24,140 +35,294 @@ from sdpo.metrics import PhaseTimer, RunLogger
 from sdpo.models import load_tokenizer, resolve_model_path, stop_token_ids
 from sdpo.probe import probe_teacher
 from sdpo.recipe import to_yaml
+from sdpo.rollout.base import Completion
 from sdpo.rollout.pool import RolloutPool
 from sdpo.rollout.weights import default_weights_dir
 
+# What a learner call raises when a rank is gone (or failed on its own: restart_learners tells them apart).
+LEARNER_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, LearnerTimeout)
 
-def train(cfg: Config, environment: tuple | None = None) -> dict[str, dict[str, float]]:
+
+def train(cfg: Config, environment: tuple | None = None) -> dict:
     """``environment``: (env, tasks by split) already built and read (by ``sdpo.run``'s checks), else built here."""
-    env, tasks_by_split = environment or (load_environment(cfg.environment.name, cfg.environment.kwargs), {})
-    split_tasks = {split: tasks_by_split.get(split) or list(env.tasks(split))
-                   for split in {cfg.environment.train_split, cfg.environment.eval_split}}
-    train_tasks, held_out = split_tasks[cfg.environment.train_split], split_tasks[cfg.environment.eval_split]
-    eval_tasks, probe_tasks = held_out[: cfg.eval.max_tasks], held_out[: cfg.eval.teacher_probe_tasks]
-    model_path = resolve_model_path(cfg.model.path)
-    tokenizer = load_tokenizer(model_path)
-    stops = stop_token_ids(model_path, tokenizer)
-    run_dir = make_run_dir(cfg)
-    checkpoints = Checkpoints(cfg, run_dir)
-    resume_from = checkpoints.latest() if cfg.checkpoint.resume == "auto" else None
-    # Steps after the checkpoint are replayed, so their rows go; a fresh start drops everything.
-    truncate_metrics(run_dir / "metrics.jsonl", after_step=step_of(resume_from) if resume_from else -1)
-    log = RunLogger(cfg, run_dir)
+    run = Run(cfg, environment)
+    try:
+        run.start()
+        step = run.restore(run.resume_from)
+        if run.before is None:
+            run.before = run.evaluate(0)
+            run.probe(0)
+        while step < cfg.steps:
+            step += 1
+            timer, started = PhaseTimer(), time.perf_counter()
+            tasks = run.sampler.next(cfg.prompts_per_step)
+            rollouts = run.sample_and_verify(tasks, cfg.rollout.samples_per_prompt, cfg.rollout.temperature,
+                                             seed=cfg.seed * 1_000_003 + step, timer=timer)
+            with timer("teacher_contexts"):
+                batch, teacher_stats = run.teacher_contexts(rollouts)
+            try:
+                learn_stats = run.learn(batch, timer)
+                run.sync(step, timer)
+            except LEARNER_FAILURES as err:
+                step = run.restart_learners(err, step)  # re-raises unless a learner rank was lost
+                continue
+            run.log_step(step, rollouts, {**teacher_stats, **learn_stats}, timer, started)
+            last = step == cfg.steps
+            if due(step, cfg.eval.every_steps) and not last:  # the last step's evaluation follows the loop
+                run.evaluate(step)
+            if due(step, cfg.eval.teacher_probe_every_steps) or last:
+                run.probe(step)
+            if due(step, cfg.checkpoint.every_steps) or last:
+                run.save(step)
+        return run.finish(run.evaluate(cfg.steps) if cfg.steps else run.before)
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see Run.start)
+        raise run.interrupted(err) from None
+    finally:
+        run.close()
 
-    started_ray = start_ray(cfg)
-    colocated = colocated_placement_group(cfg)  # None unless GPUs are shared by learner and rollout
-    rollout, envs = RolloutPool(cfg, model_path, colocated), EnvPool(cfg.environment)
-    learners = LearnerGroup(cfg, model_path, colocated)
-    log.say(f"run dir {run_dir} | rollout engine: {rollout.engine_kind} x{cfg.rollout.replicas} | "
-            f"learner: {cfg.learner.world_size} FSDP2 ranks, {learners.num_params / 1e6:.2f}M params")
-    weights_dir = default_weights_dir(run_dir.name)
 
-    def generate_groups(tasks: list[Task], n: int, temperature: float, seed: int):
-        prompt_ids = [chat_ids(tokenizer, t.messages) for t in tasks]
-        groups = rollout.generate(prompt_ids, n=n, temperature=temperature, top_p=cfg.rollout.top_p,
-                                  max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stops, seed=seed)
-        return prompt_ids, groups
+def due(step: int, every: int) -> bool:
+    """Whether a periodic action (evaluate, probe, checkpoint) runs after ``step``; every=0: never."""
+    return bool(every) and step % every == 0
 
-    def evaluate(step: int) -> dict[str, float]:
-        results = {}
+
+@dataclasses.dataclass
+class Rollouts:
+    """``n`` sampled completions per task, decoded and verified. ``verdicts`` is flat, in sample order."""
+
+    tasks: list[Task]
+    prompt_ids: list[list[int]]
+    groups: list[list[Completion]]
+    verdicts: list[Verdict]
+    n: int
+
+    def verdicts_by_group(self) -> list[list[Verdict]]:
+        return [self.verdicts[i * self.n : (i + 1) * self.n] for i in range(len(self.tasks))]
+
+    def success_frac(self, threshold: float) -> float:
+        return sum(v.reward >= threshold for v in self.verdicts) / len(self.verdicts)
+
+
+class Run:
+    """The parts of one run (config, tokenizer, rollout pool, verifier pool, learner group,
+    checkpoints, logger, prompt sampler) and what a step does with them."""
+
+    def __init__(self, cfg: Config, environment: tuple | None = None):
+        """The parts that need no Ray; ``start`` makes the actors."""
+        self.cfg = cfg
+        env, tasks_by_split = environment or (load_environment(cfg.environment.name, cfg.environment.kwargs), {})
+        split_tasks = {split: tasks_by_split.get(split) or list(env.tasks(split))
+                       for split in {cfg.environment.train_split, cfg.environment.eval_split}}
+        self.train_tasks, held_out = split_tasks[cfg.environment.train_split], split_tasks[cfg.environment.eval_split]
+        self.eval_tasks, self.probe_tasks = held_out[: cfg.eval.max_tasks], held_out[: cfg.eval.teacher_probe_tasks]
+        self.model_path = resolve_model_path(cfg.model.path)
+        self.tokenizer = load_tokenizer(self.model_path)
+        self.stops = stop_token_ids(self.model_path, self.tokenizer)
+        self.run_dir = make_run_dir(cfg)
+        self.checkpoints = Checkpoints(cfg, self.run_dir)
+        self.resume_from = self.checkpoints.latest() if cfg.checkpoint.resume == "auto" else None
+        # Steps after the checkpoint are replayed, so their rows go; a fresh start drops everything.
+        truncate_metrics(self.run_dir / "metrics.jsonl", after_step=step_of(self.resume_from) if self.resume_from else -1)
+        self.log = RunLogger(cfg, self.run_dir)
+        self.weights_dir = default_weights_dir(self.run_dir.name)
+        remove_orphaned_weight_dirs(self.weights_dir)
+        self.sampler = PromptSampler(self.train_tasks, cfg.seed)
+        self.before: dict[str, float] | None = None  # held-out success before training
+        self.step = 0  # the last step completed (what an interrupted run reports)
+        self.restarts = 0
+        self.started_ray = False
+        self.colocated = self.rollout = self.envs = self.learners = None
+        self._previous_sigterm = None
+
+    def start(self) -> None:
+        """Ray and the actors. SIGTERM (a job scheduler's stop) then ends the run like Ctrl-C: after
+        ray.init, which installs a handler of its own that would exit without a word."""
+        cfg = self.cfg
+        self.started_ray = start_ray(cfg)
+        if threading.current_thread() is threading.main_thread():
+            self._previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+        self.colocated = colocated_placement_group(cfg)  # None unless GPUs are shared by learner and rollout
+        self.rollout, self.envs = RolloutPool(cfg, self.model_path, self.colocated), EnvPool(cfg.environment)
+        self.learners = LearnerGroup(cfg, self.model_path, self.colocated)
+        self.log.say(f"run dir {self.run_dir} | rollout engine: {self.rollout.engine_kind} x{cfg.rollout.replicas} | "
+                     f"learner: {cfg.learner.world_size} FSDP2 ranks, {self.learners.num_params / 1e6:.2f}M params")
+
+    def sample_and_verify(self, tasks: list[Task], n: int, temperature: float, seed: int,
+                          timer: PhaseTimer | None = None, prompt_ids: list[list[int]] | None = None) -> Rollouts:
+        """``n`` completions per task from the engines, decoded and scored by the verifiers.
+        ``prompt_ids``: the prompts to answer (default: each task's own chat prompt)."""
+        timer, cfg = timer or PhaseTimer(), self.cfg
+        with timer("generate"):
+            prompt_ids = prompt_ids or [chat_ids(self.tokenizer, t.messages) for t in tasks]
+            groups = self.rollout.generate(prompt_ids, n=n, temperature=temperature, top_p=cfg.rollout.top_p,
+                                           max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=self.stops,
+                                           seed=seed)
+        with timer("verify"):
+            texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
+            verdicts = self.envs.verify([t for t in tasks for _ in range(n)], texts, group_size=n)
+        return Rollouts(tasks, prompt_ids, groups, verdicts, n)
+
+    def teacher_contexts(self, rollouts: Rollouts, context_cfg=None) -> tuple[list[TrainSample], dict[str, float]]:
+        return build_batch(rollouts.tasks, rollouts.prompt_ids, rollouts.groups, rollouts.verdicts_by_group(),
+                           self.tokenizer, context_cfg or self.cfg.teacher_context, self.cfg.loss.advantage_std_normalize)
+
+    def learn(self, batch: list[TrainSample], timer: PhaseTimer) -> dict[str, float]:
+        with timer("learn"):
+            self.rollout.prepare_for_training()  # colocated GPUs: the engines sleep while the learner trains
+            return self.learners.train_step(batch)  # teacher + student forwards, loss, step, teacher update
+
+    def sync(self, step: int, timer: PhaseTimer) -> None:
+        with timer("weight_sync"):
+            self.rollout.sync_weights(self.learners, step, self.weights_dir)  # shm file, NCCL broadcast or CUDA IPC
+
+    def serve_weights(self, step: int, teacher: bool = False) -> None:
+        """The engines answer with the teacher's weights (or the student's again), through a file."""
+        directory = self.weights_dir + ("-teacher" if teacher else "")
+        self.rollout.load_weights(self.learners.export_weights(directory, step, teacher=teacher), version=step)
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        cfg, results = self.cfg, {}
         modes = [("t", cfg.eval.temperature, cfg.eval.samples_per_task)] + ([("greedy", 0.0, 1)] if cfg.eval.greedy else [])
         for name, temperature, n in modes:
-            _, groups = generate_groups(eval_tasks, n, temperature, seed=10_000_019 + cfg.seed)
-            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
-            verdicts = envs.verify([t for t in eval_tasks for _ in range(n)], texts, group_size=n)
-            success = sum(v.reward >= cfg.teacher_context.success_threshold for v in verdicts) / len(verdicts)
-            results[f"eval/success_{name}"] = success
-        log.log(step, results)
+            rollouts = self.sample_and_verify(self.eval_tasks, n, temperature, seed=10_000_019 + cfg.seed)
+            results[f"eval/success_{name}"] = rollouts.success_frac(cfg.teacher_context.success_threshold)
+        self.log.log(step, results)
         return results
 
-    def restore(path: Path | None) -> tuple[int, PromptSampler, dict[str, float] | None]:
-        """Learners, engine weights and data position as of checkpoint ``path`` (None: the start)."""
-        sampler = PromptSampler(train_tasks, cfg.seed)
+    def probe(self, step: int) -> None:
+        if self.cfg.eval.teacher_probe_every_steps:
+            self.log.log(step, probe_teacher(self, self.probe_tasks, step))
+
+    def save(self, step: int) -> None:
+        path, seconds = self.checkpoints.save(step, self.learners, {"step": step, "sampler": self.sampler.state(),
+                                                                    "before": self.before})
+        self.log.log(step, {"checkpoint/seconds": seconds, "checkpoint/bytes": float(size_bytes(path))})
+
+    def restore(self, path: Path | None) -> int:
+        """Learners, engine weights and data position as of checkpoint ``path`` (None: the start).
+        Returns the step to continue after."""
+        self.sampler, self.step = PromptSampler(self.train_tasks, self.cfg.seed), 0
         if path is None:
-            return 0, sampler, None
-        learners.load_checkpoint(str(path))
-        state = checkpoints.load_driver_state(path)
-        sampler.load_state(state["sampler"])
-        rollout.load_weights(learners.export_weights(weights_dir, state["step"]), version=state["step"])
-        log.say(f"resumed from {path} (step {state['step']})")
-        return state["step"], sampler, state["before"]
+            return 0
+        self.learners.call("load_checkpoint", str(path))
+        state = self.checkpoints.load_driver_state(path)
+        self.sampler.load_state(state["sampler"])
+        self.rollout.load_weights(self.learners.export_weights(self.weights_dir, state["step"]), version=state["step"])
+        self.before, self.step = state["before"], state["step"]
+        self.log.say(f"resumed from {path} (step {state['step']})")
+        return state["step"]
 
-    def restart_learners(err: Exception, step: int) -> LearnerGroup:
-        """A new learner group from the last checkpoint (or the initial model), the engine reset to match."""
+    def restart_learners(self, err: Exception, step: int) -> int:
+        """A new learner group from the last checkpoint (or the initial model), the engine reset to
+        match. A rank died, a survivor failed in a collective with it, or one hangs: FSDP cannot go
+        on without it. Any other error is a bug or bad input, which a restart would only repeat, so
+        it is raised again. Returns the step to continue after."""
+        if not learner_lost(err):
+            raise err
+        cfg, latest = self.cfg, self.checkpoints.latest()
+        if self.restarts >= cfg.checkpoint.max_learner_restarts:
+            raise RuntimeError(f"a learner rank was lost {self.restarts + 1} times; the last checkpoint is "
+                               f"{latest}: run the same command to resume from it") from err
+        self.restarts += 1
         started = time.perf_counter()
-        latest = checkpoints.latest()
-        log.say(f"learner rank lost at step {step} ({type(err).__name__}); restarting the learner group from "
-                f"{latest or 'the initial model'} ({restarts}/{cfg.checkpoint.max_learner_restarts})")
-        learners.shutdown()
-        fresh = LearnerGroup(cfg, model_path, colocated)
-        truncate_metrics(run_dir / "metrics.jsonl", after_step=step_of(latest))  # the replayed steps log again
+        self.log.say(f"learner rank lost at step {step} ({type(err).__name__}); restarting the learner group from "
+                     f"{latest or 'the initial model'} ({self.restarts}/{cfg.checkpoint.max_learner_restarts})")
+        self.learners.shutdown()
+        self.learners = LearnerGroup(cfg, self.model_path, self.colocated)
+        truncate_metrics(self.run_dir / "metrics.jsonl", after_step=step_of(latest))  # the replayed steps log again
         if latest is None:
-            rollout.load_weights(fresh.export_weights(weights_dir, 0), version=0)
-        log.log(step_of(latest), {"learner/restarts": float(restarts), "learner/restart_s": time.perf_counter() - started})
-        return fresh
+            self.rollout.load_weights(self.learners.export_weights(self.weights_dir, 0), version=0)
+        self.log.log(step_of(latest), {"learner/restarts": float(self.restarts),
+                                       "learner/restart_s": time.perf_counter() - started})
+        return self.restore(latest)
 
-    step, sampler, before = restore(resume_from)
-    if before is None:
-        before = evaluate(0)
-        if cfg.eval.teacher_probe_every_steps:
-            log.log(0, probe_teacher(cfg, probe_tasks, rollout, envs, learners, tokenizer, stops, weights_dir, 0))
-    restarts = 0
-    while step < cfg.steps:
-        step += 1
-        timer, started = PhaseTimer(), time.perf_counter()
-        tasks = sampler.next(cfg.prompts_per_step)
-        n = cfg.rollout.samples_per_prompt
-        with timer("generate"):
-            prompt_ids, groups = generate_groups(tasks, n, cfg.rollout.temperature, seed=cfg.seed * 1_000_003 + step)
-        with timer("verify"):
-            texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
-            flat = envs.verify([t for t in tasks for _ in range(n)], texts, group_size=n)
-            verdicts = [flat[i * n : (i + 1) * n] for i in range(len(tasks))]
-        with timer("teacher_contexts"):
-            batch, teacher_stats = build_batch(tasks, prompt_ids, groups, verdicts, tokenizer, cfg.teacher_context,
-                                               cfg.loss.advantage_std_normalize)
-        try:
-            with timer("learn"):
-                rollout.prepare_for_training()  # colocated GPUs: the engines sleep while the learner trains
-                learn_stats = learners.train_step(batch)  # teacher + student forwards, loss, step, teacher update
-            with timer("weight_sync"):
-                rollout.sync_weights(learners, step, weights_dir)  # shm file, NCCL broadcast or CUDA IPC
-        # A rank died, a survivor failed in a collective with it, or one hangs: FSDP cannot go on
-        # without it, so the group restarts from the last checkpoint. Any other error is a bug or bad
-        # input, which a restart would only repeat.
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, LearnerTimeout) as err:
-            if not learner_lost(err):
-                raise
-            if restarts >= cfg.checkpoint.max_learner_restarts:
-                raise RuntimeError(f"a learner rank was lost {restarts + 1} times; the last checkpoint is "
-                                   f"{checkpoints.latest()}: run the same command to resume from it") from err
-            restarts += 1
-            learners = restart_learners(err, step)
-            step, sampler, _ = restore(checkpoints.latest())  # uses the new group: restore reads `learners`
-            continue
-        step_s = time.perf_counter() - started
-        log.log(step, {**rollout_stats(flat, groups, cfg, step), **teacher_stats, **learn_stats, **timer.seconds, "time/step_s": step_s,
-                       "throughput/tokens_per_s": learn_stats["learn/response_tokens"] / step_s})
-        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != cfg.steps:
-            evaluate(step)
-        if cfg.eval.teacher_probe_every_steps and (step % cfg.eval.teacher_probe_every_steps == 0 or step == cfg.steps):
-            log.log(step, probe_teacher(cfg, probe_tasks, rollout, envs, learners, tokenizer, stops, weights_dir, step))
-        if checkpoints.due(step):
-            path, seconds = checkpoints.save(step, learners, {"step": step, "sampler": sampler.state(), "before": before})
-            log.log(step, {"checkpoint/seconds": seconds, "checkpoint/bytes": float(size_bytes(path))})
-    after = evaluate(cfg.steps) if cfg.steps else before
-    if cfg.checkpoint.export_hf:
-        export_hf(learners, model_path, run_dir / "final_model")
-    log.close()
-    log.say("held-out success  " + "  ".join(f"{k.split('/')[1]}: {before[k]:.3f} -> {after[k]:.3f}" for k in before))
-    learners.shutdown()
-    rollout.shutdown()
-    for directory in (weights_dir, weights_dir + "-teacher"):  # RAM in /dev/shm: nothing needs it after the run
-        shutil.rmtree(directory, ignore_errors=True)
-    if started_ray:
-        ray.shutdown()
-    return {"before": before, "after": after, "run_dir": str(run_dir)}
+    def log_step(self, step: int, rollouts: Rollouts, stats: dict[str, float], timer: PhaseTimer, started: float) -> None:
+        step_s, self.step = time.perf_counter() - started, step
+        self.log.log(step, {**rollout_stats(rollouts, self.cfg, step), **stats, **timer.seconds, "time/step_s": step_s,
+                            "throughput/tokens_per_s": stats["learn/response_tokens"] / step_s})
+
+    def finish(self, after: dict[str, float]) -> dict:
+        """The final model folder and the before/after summary of a run that completed."""
+        if self.cfg.checkpoint.export_hf:
+            export_hf(self.learners, self.model_path, self.run_dir / "final_model")
+        before = self.before
+        self.log.say("held-out success  " + "  ".join(f"{k.split('/')[1]}: {before[k]:.3f} -> {after[k]:.3f}" for k in before))
+        return {"before": before, "after": after, "run_dir": str(self.run_dir)}
+
+    def interrupted(self, err: KeyboardInterrupt) -> Interrupted:
+        return Interrupted(self.cfg, self.run_dir, self.checkpoints.latest(), self.step,
+                           err.signum if isinstance(err, Interrupted) else signal.SIGINT)
+
+    def close(self) -> None:
+        """Everything the run holds goes, whichever way it ended; each part even when another fails."""
+        errors = []
+        for name, release in (("metrics file", self.log.close),
+                              ("learners", self.learners and self.learners.shutdown),
+                              ("rollout engines", self.rollout and self.rollout.shutdown),
+                              ("verifiers", self.envs and self.envs.shutdown),
+                              ("weight files", self._remove_weight_files),
+                              ("ray", self.started_ray and ray.shutdown)):
+            try:
+                if release:
+                    release()
+            except Exception as err:  # noqa: BLE001 -- report it, release the rest
+                errors.append(f"{name}: {type(err).__name__}: {err}")
+        if self._previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+        self.learners = self.rollout = self.envs = None
+        self.started_ray = False
+        if errors:
+            self.log.say("clean-up failed for " + "; ".join(errors))
+
+    def _remove_weight_files(self) -> None:
+        for directory in (self.weights_dir, self.weights_dir + "-teacher"):  # RAM in /dev/shm: nothing needs it after the run
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped the run (after clean-up): where it got to, and how to go on."""
+
+    def __init__(self, cfg: Config | None = None, run_dir: Path | None = None, checkpoint: Path | None = None,
+                 step: int = 0, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.cfg, self.run_dir, self.checkpoint, self.step, self.signum = cfg, run_dir, checkpoint, step, signum
+
+    def resume_hint(self, recipe: str, overrides: list[str]) -> str:
+        """One line: the last checkpoint and the command that continues from it."""
+        name = signal.Signals(self.signum).name
+        if self.run_dir is None:
+            return f"stopped by {name} before training began"
+        kept = [o for o in overrides if not o.startswith(("logging.run_dir=", "checkpoint.resume="))]
+        command = shlex.join(["python", "-m", "sdpo.run", recipe, *kept, f"logging.run_dir={self.run_dir}",
+                              *(["checkpoint.resume=auto"] if self.cfg.checkpoint.resume != "auto" else [])])
+        where = f"last checkpoint {self.checkpoint}" if self.checkpoint else "no checkpoint yet (it starts over)"
+        return f"stopped by {name} after step {self.step}; {where}; resume: {command}"
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signum=signum)
+
+
+def remove_orphaned_weight_dirs(weights_dir: str) -> None:
+    """A run killed outright (SIGKILL, the OOM killer) cannot clean up after itself: the next run of
+    the same name (its resume) removes the weight directories whose process is gone. The process id
+    ends each name (rollout.weights.default_weights_dir)."""
+    prefix = weights_dir.rpartition("-")[0] + "-"
+    for path in glob.glob(glob.escape(prefix) + "*"):
+        pid = path[len(prefix):].removesuffix("-teacher")
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def learner_lost(err: Exception) -> bool:
@@ -173,7 +338,7 @@ def export_hf(learners: LearnerGroup, model_path: str, directory: Path) -> None:
     """The policy as a Hugging Face folder (weights, config, tokenizer): from_pretrained and vLLM load it."""
     from transformers import AutoConfig, AutoTokenizer
 
-    learners.export_hf(str(directory))
+    learners.call("export_hf", str(directory))
     AutoConfig.from_pretrained(model_path).save_pretrained(directory)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(directory)
     generation = Path(model_path) / "generation_config.json"
@@ -181,13 +346,13 @@ def export_hf(learners: LearnerGroup, model_path: str, directory: Path) -> None:
         shutil.copy(generation, directory / generation.name)
 
 
-def rollout_stats(verdicts, groups, cfg: Config, step: int) -> dict[str, float]:
-    rewards = [v.reward for v in verdicts]
-    lengths = [len(c.token_ids) for g in groups for c in g]
-    failures = sum(1 for v in verdicts if v.info.get("verifier_failure"))
+def rollout_stats(rollouts: Rollouts, cfg: Config, step: int) -> dict[str, float]:
+    rewards = [v.reward for v in rollouts.verdicts]
+    lengths = [len(c.token_ids) for g in rollouts.groups for c in g]
+    failures = sum(1 for v in rollouts.verdicts if v.info.get("verifier_failure"))
     return {
         # Synchronous training samples step s with the weights of step s-1: the lag must read 0.
-        "rollout/policy_version_lag_max": float((step - 1) - min(c.policy_version for g in groups for c in g)),
+        "rollout/policy_version_lag_max": float((step - 1) - min(c.policy_version for g in rollouts.groups for c in g)),
         "rollout/reward_mean": sum(rewards) / len(rewards),
         "rollout/success_frac": sum(r >= cfg.teacher_context.success_threshold for r in rewards) / len(rewards),
         "rollout/response_tokens_mean": sum(lengths) / len(lengths),

@@ -1,4 +1,4 @@
-"""The learner ranks as one object for the driver: placement, rendezvous, fan-out, reduction."""
+"""The learner ranks as one object for the driver: placement, rendezvous, fan-out (``call``), reduction."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 import ray
 
 from sdpo.batch import TrainSample
+from sdpo.cluster import start_actor
 from sdpo.config import Config
 from sdpo.learner.micro_batches import balance, rank_plans  # noqa: F401  (balance: re-exported)
 from sdpo.learner.objective import Totals
@@ -18,13 +19,19 @@ class LearnerGroup:
         """placement_group: colocated GPUs only; rank i goes to bundle i, next to rollout replica i."""
         self.cfg = cfg
         self._timeout = cfg.learner.call_timeout_s
-        actor = ray.remote(LearnerWorker)
-        opts = dict(num_cpus=cfg.learner.num_cpus_per_rank, num_gpus=cfg.learner.num_gpus_per_rank)
-        size = cfg.learner.world_size
-        self.workers = [actor.options(**opts, **_in_bundle(placement_group, rank)).remote(rank, size, cfg.model_dump_json(), model_path)
+        size, learner = cfg.learner.world_size, cfg.learner
+        self.workers = [start_actor(LearnerWorker, (rank, size, cfg.model_dump_json(), model_path),
+                                    num_cpus=learner.num_cpus_per_rank, num_gpus=learner.num_gpus_per_rank,
+                                    placement_group=placement_group, bundle=rank)
                         for rank in range(size)]
-        addr, port = ray.get(self.workers[0].rendezvous_address.remote())
-        self.num_params = ray.get([w.setup.remote(addr, port) for w in self.workers])[0]
+        addr, port = self.weight_group_address()
+        self.num_params = self.call("setup", addr, port)[0]
+
+    def call(self, method: str, *args) -> list:
+        """``LearnerWorker.<method>(*args)`` on every rank at once (the ranks meet in collectives, so
+        all must be called); their results in rank order. Raises as soon as a rank fails, and
+        LearnerTimeout past learner.call_timeout_s."""
+        return _get_all(self._timeout, [getattr(w, method).remote(*args) for w in self.workers])
 
     def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
         plans = rank_plans(samples, len(self.workers), self.cfg)
@@ -47,13 +54,11 @@ class LearnerGroup:
         }
 
     def export_weights(self, directory: str, version: int, teacher: bool = False) -> str:
-        paths = _get_all(self._timeout, [w.export_weights.remote(directory, version, teacher) for w in self.workers])
-        return paths[0]
+        """Full student (or teacher) weights as one file; returns its path (rank 0 writes it)."""
+        return self.call("export_weights", directory, version, teacher)[0]
 
-    @property
-    def has_separate_teacher(self) -> bool:
-        """Whether the ranks hold teacher weights apart from the student's (not for a live teacher or GRPO)."""
-        return self.cfg.loss.objective != "grpo" and self.cfg.teacher.kind != "live"
+    def push_weights(self, transport: str, version: int, bucket_bytes: int, receivers_by_rank: list | None = None) -> dict[str, float]:
+        return self.call("push_weights", transport, version, bucket_bytes, receivers_by_rank)[0]
 
     @property
     def world_size(self) -> int:
@@ -62,35 +67,12 @@ class LearnerGroup:
     def weight_group_address(self) -> tuple[str, int]:
         return ray.get(self.workers[0].rendezvous_address.remote())
 
-    def join_weight_group(self, backend: str, addr: str, port: int, world_size: int) -> None:
-        _get_all(self._timeout, [w.join_weight_group.remote(backend, addr, port, world_size) for w in self.workers])
-
-    def push_weights(self, transport: str, version: int, bucket_bytes: int, receivers_by_rank: list | None = None) -> dict[str, float]:
-        return _get_all(self._timeout, [w.push_weights.remote(transport, version, bucket_bytes, receivers_by_rank) for w in self.workers])[0]
-
-    def save_checkpoint(self, directory: str) -> None:
-        _get_all(self._timeout, [w.save_checkpoint.remote(directory) for w in self.workers])
-
-    def load_checkpoint(self, directory: str) -> None:
-        _get_all(self._timeout, [w.load_checkpoint.remote(directory) for w in self.workers])
-
-    def export_hf(self, directory: str) -> None:
-        _get_all(self._timeout, [w.export_hf.remote(directory) for w in self.workers])
-
     def shutdown(self, timeout_s: float = 30.0) -> None:
         """Leave the process group cleanly when every rank can, then kill the actors regardless
         (after a rank died, the others may be stuck in a collective that will never finish)."""
         ray.wait([w.shutdown.remote() for w in self.workers], num_returns=len(self.workers), timeout=timeout_s)
         for w in self.workers:
             ray.kill(w)
-
-
-def _in_bundle(group, index: int) -> dict:
-    if group is None:
-        return {}
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index)}
 
 
 class LearnerTimeout(RuntimeError):

@@ -6,17 +6,13 @@ from __future__ import annotations
 
 from sdpo.batch import TrainSample
 from sdpo.config import Config
+from sdpo.dealing import snake_deal
 
 
 def balance(samples: list[TrainSample], ranks: int) -> list[list[TrainSample]]:
     """Equal sample counts per rank (FSDP needs every rank to run the same number of forwards),
     with token counts evened out by dealing the longest samples first in snake order."""
-    order = sorted(range(len(samples)), key=lambda i: -samples[i].num_tokens)
-    shards: list[list[TrainSample]] = [[] for _ in range(ranks)]
-    for position, index in enumerate(order):
-        lap, offset = divmod(position, ranks)
-        shards[offset if lap % 2 == 0 else ranks - 1 - offset].append(samples[index])
-    return shards
+    return snake_deal(sorted(samples, key=lambda s: -s.num_tokens), ranks)  # sorted() is stable: ties keep input order
 
 
 def rank_plans(samples: list[TrainSample], ranks: int, cfg: Config) -> list[list[list[TrainSample]]]:
@@ -68,11 +64,7 @@ def token_budget_micro_batches(samples: list[TrainSample], ranks: int, budget_to
     while (bins := _fill_least_loaded(order, count, budget_tokens)) is None:
         count += ranks  # never past one sample per bin: that always fits
     bins.sort(key=lambda b: -sum(map(packed_length, b)))
-    plans: list[list[list[TrainSample]]] = [[] for _ in range(ranks)]
-    for position, micro in enumerate(bins):  # snake order: rank loads stay even
-        lap, offset = divmod(position, ranks)
-        plans[offset if lap % 2 == 0 else ranks - 1 - offset].append(micro)
-    return plans
+    return snake_deal(bins, ranks)  # rank loads stay even
 
 
 def _first_fit_count(order: list[TrainSample], budget: int) -> int:

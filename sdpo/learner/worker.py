@@ -70,10 +70,9 @@ class LearnerWorker:
         """A separate teacher model, sharded exactly like the student so that an EMA update is a
         local lerp on each rank's shard (no gathering). None when the teacher is the live policy
         or the objective needs no teacher."""
-        kind = self.cfg.teacher.kind
-        if self.cfg.loss.objective == "grpo" or kind == "live":
+        if not self.cfg.has_separate_teacher:
             return None
-        if kind == "checkpoint":
+        if self.cfg.teacher.kind == "checkpoint":
             teacher = load_causal_lm(self.cfg.teacher.path, attention)
             if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
                 raise ValueError(f"teacher.path={self.cfg.teacher.path!r}: its vocabulary differs from the student's")

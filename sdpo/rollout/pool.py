@@ -16,7 +16,9 @@ import time
 import ray
 from ray.exceptions import RayActorError
 
+from sdpo.cluster import start_actor
 from sdpo.config import Config
+from sdpo.dealing import snake_deal
 from sdpo.rollout.base import Completion
 from sdpo.rollout.transports import resolve_weight_sync
 from sdpo.rollout.worker import RolloutWorker
@@ -43,17 +45,12 @@ class RolloutPool:
         self.engine_kind = kinds[0]
 
     def _start(self, index: int):
-        r = self.cfg.rollout
-        opts: dict = dict(num_cpus=r.num_cpus_per_replica, num_gpus=r.num_gpus_per_replica)
-        if self.placement_group is not None:
-            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                self.placement_group, placement_group_bundle_index=index % self.placement_group.bundle_count)
+        r, group = self.cfg.rollout, self.placement_group
         sleep_mode = self.cfg.device == "cuda" and r.placement == "colocated"
-        return RolloutWorker.options(**opts).remote(r.engine, self.model_path, r.dtype, r.kv_cache_gib,
-                                                    self.cfg.seed + index, r.torch_threads_per_replica,
-                                                    enable_sleep_mode=sleep_mode)
+        return start_actor(RolloutWorker, (r.engine, self.model_path, r.dtype, r.kv_cache_gib, self.cfg.seed + index,
+                                           r.torch_threads_per_replica), dict(enable_sleep_mode=sleep_mode),
+                           num_cpus=r.num_cpus_per_replica, num_gpus=r.num_gpus_per_replica, placement_group=group,
+                           bundle=index % group.bundle_count if group is not None else 0)
 
     # ---- generation --------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
@@ -162,7 +159,7 @@ class RolloutPool:
     def _join_group(self, learners) -> None:
         addr, port = learners.weight_group_address()
         world, refs = self.join_weight_group("nccl", addr, port)
-        learners.join_weight_group("nccl", addr, port, world)
+        learners.call("join_weight_group", "nccl", addr, port, world)
         ray.get(refs)
         self._group_ready = True
 
@@ -192,8 +189,4 @@ def balance(prompts: list[list[int]], replicas: int, n: int, response_tokens: fl
     Each share keeps prompt order (engines batch better with neighbours of similar length)."""
     cost = [len(p) + n * response_tokens for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -cost[i])
-    shares: list[list[int]] = [[] for _ in range(replicas)]
-    for position, index in enumerate(order):
-        lap, offset = divmod(position, replicas)
-        shares[offset if lap % 2 == 0 else replicas - 1 - offset].append(index)
-    return [sorted(s) for s in shares]
+    return [sorted(share) for share in snake_deal(order, replicas)]
