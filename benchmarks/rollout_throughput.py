@@ -47,7 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from sdpo.models import load_tokenizer
     from sdpo.rollout.base import make_engine
-    from sdpo.tiny.warmstart import ensure_tiny_model
+    from models.tiny_arithmetic import ensure_tiny_model
 
     model = args.model or ensure_tiny_model(log=lambda _: None)
     prompts = prompts_for(load_tokenizer(model), max(args.batches))

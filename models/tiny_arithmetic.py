@@ -19,7 +19,7 @@ with this recipe, seeds 0-2 stop after 275-300 steps with the student at 0.23-0.
 answer shown at 0.88-0.93 (seed 3, switching phase at 0.6, needed 350 steps). Seed 0, the default:
 300 steps; student 0.23 (T=1) / 0.51 (greedy); with the answer shown 0.89 / 1.00.
 
-    python -m sdpo.tiny.warmstart [--cache-dir DIR] [--force]
+    python -m models.tiny_arithmetic [--cache-dir DIR] [--force]
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from environments.arithmetic import question, split_pairs
 from sdpo.config import TeacherContextConfig
-from sdpo.tiny.model import tiny_model_config
 from sdpo.tiny.cache import cli, ensure_built
+from sdpo.tiny.model import tiny_model_config
 from sdpo.tiny.tokenizer import build_tokenizer, chat_ids
 
 # Bump the suffix whenever anything below changes the weights (recipe, data, architecture).
@@ -234,7 +234,7 @@ def ensure_tiny_model(cache_dir: str | None = None, log: Callable[[str], None] =
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli("python -m sdpo.tiny.warmstart", __doc__.split("\n\n")[0], ensure_tiny_model, argv)
+    cli("python -m models.tiny_arithmetic", __doc__.split("\n\n")[0], ensure_tiny_model, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ different machine load logged identical scores at every evaluation they shared, 
 competence is measured as the SDPO probe does: the model's own failed samples, the environment's
 feedback on them, and the model answering from that teacher prompt.
 
-    python -m sdpo.tiny.warmstart_feedback [--cache-dir DIR] [--force]
+    python -m models.tiny_pairsums [--cache-dir DIR] [--force]
 """
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ import torch
 from transformers import PreTrainedTokenizerBase, Qwen2ForCausalLM
 
 from environments.pair_sums import PairSums, answer, feedback_text, question, split_questions
+from models.tiny_arithmetic import _loss_sum
 from sdpo.config import TeacherContextConfig
+from sdpo.tiny.cache import cli, ensure_built
 from sdpo.tiny.model import tiny_model_config
 from sdpo.tiny.tokenizer import build_tokenizer, chat_ids
-from sdpo.tiny.cache import cli, ensure_built
-from sdpo.tiny.warmstart import _loss_sum
 
 # Bump the suffix whenever anything below changes the weights (recipe, data, task, architecture).
 MODEL_NAME = "tiny-pairsums-v1"
@@ -265,7 +265,7 @@ def ensure_feedback_model(cache_dir: str | None = None, log: Callable[[str], Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli("python -m sdpo.tiny.warmstart_feedback", __doc__.split("\n\n")[0], ensure_feedback_model, argv)
+    cli("python -m models.tiny_pairsums", __doc__.split("\n\n")[0], ensure_feedback_model, argv)
 
 
 if __name__ == "__main__":

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
 from pathlib import Path
 
-EMBEDDED = {"tiny-arithmetic", "tiny-pairsums"}
+# Built-in models by name: "module:function", the function building (once) and returning the
+# model's directory. Resolved by name, so the core package imports no built-in (they import
+# specific environments); the modules live in models/ at the top of the repository.
+BUILT_IN = {"tiny-arithmetic": "models.tiny_arithmetic:ensure_tiny_model",
+            "tiny-pairsums": "models.tiny_pairsums:ensure_feedback_model"}
+EMBEDDED = set(BUILT_IN)
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def resolve_model_path(path: str) -> str:
     check_model_path(path)
-    if path == "tiny-pairsums":
-        from sdpo.tiny.warmstart_feedback import ensure_feedback_model
-
-        return ensure_feedback_model()
-    if path in EMBEDDED:
-        from sdpo.tiny.warmstart import ensure_tiny_model
-
-        return ensure_tiny_model()
+    if path in BUILT_IN:
+        module, _, function = BUILT_IN[path].partition(":")
+        return getattr(importlib.import_module(module), function)()
     local = Path(path).expanduser()
     return str(local) if local.is_dir() else path
 

@@ -82,7 +82,7 @@ def test_final_model_is_a_hugging_face_folder(uninterrupted):
 
 
 def _initial_dir() -> str:
-    from sdpo.tiny.warmstart import ensure_tiny_model
+    from models.tiny_arithmetic import ensure_tiny_model
 
     return ensure_tiny_model()
 

@@ -1,5 +1,5 @@
 """The rich-feedback task (environments/pair_sums.py) and its warm-started model
-(sdpo/tiny/warmstart_feedback.py). CPU only, no network; the model tests use a build of a few steps
+(models/tiny_pairsums.py). CPU only, no network; the model tests use a build of a few steps
 (seconds), not the full warm start."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from environments import load_environment
-from environments.pair_sums import PairSums, answer, feedback_text, marks, parse_fields, question, split_questions
+from environments.pair_sums import PairSums, answer, marks, parse_fields, question, split_questions
+from models.tiny_pairsums import synthetic_attempt, teacher_text, train_feedback_model
 from sdpo.config import TeacherContextConfig
 from sdpo.teacher_context import build_teacher_contexts
 from sdpo.tiny.tokenizer import chat_ids
-from sdpo.tiny.warmstart_feedback import synthetic_attempt, teacher_text, train_feedback_model
 
 TASK_PAIRS = [(3, 5), (7, 8), (2, 2), (9, 4)]
 
@@ -133,6 +133,7 @@ def test_synthetic_attempts_are_wrong():
         assert attempt != answer(pairs)
 
 
+@pytest.mark.slow
 def test_tiny_build_is_deterministic_and_generates():
     """A few-step build (not the real warm start): same seed, same weights; the model generates."""
     sizes = {"plain": 16, "feedback": 16, "solution": 8}
@@ -148,6 +149,7 @@ def test_tiny_build_is_deterministic_and_generates():
     assert out.shape[1] > len(ids)
 
 
+@pytest.mark.slow
 def test_saved_model_loads_as_hf_folder(tmp_path):
     """What ensure_feedback_model writes is a plain Hugging Face folder that gives the same logits."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

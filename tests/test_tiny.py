@@ -17,11 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from environments.arithmetic import split_pairs
+from models.tiny_arithmetic import ensure_tiny_model, success_rate, teacher_user_text, train_tiny_model
 from sdpo.config import TeacherContextConfig
+from sdpo.tiny.cache import REQUIRED_FILES
 from sdpo.tiny.model import tiny_model_config
 from sdpo.tiny.tokenizer import build_tokenizer, chat_ids
-from sdpo.tiny.cache import REQUIRED_FILES
-from sdpo.tiny.warmstart import ensure_tiny_model, success_rate, teacher_user_text, train_tiny_model
 
 MESSAGES = [
     {"role": "system", "content": "Answer with a number."},
@@ -112,6 +112,7 @@ def test_model_config(tok):
     assert config.vocab_size == len(tok) == 260  # 4 specials + 256 bytes
 
 
+@pytest.mark.slow
 def test_build_is_deterministic():
     (m1, _, a), (m2, _, b) = (train_tiny_model(max_steps=2, log=lambda _: None) for _ in range(2))
     s1, s2 = m1.state_dict(), m2.state_dict()
@@ -126,6 +127,7 @@ def tiny_path():
     return ensure_tiny_model()
 
 
+@pytest.mark.slow
 def test_warmstart_metrics(tiny_path):
     assert all(os.path.isfile(os.path.join(tiny_path, f)) for f in REQUIRED_FILES)
     with open(os.path.join(tiny_path, "warmstart.json")) as fh:
@@ -136,6 +138,7 @@ def test_warmstart_metrics(tiny_path):
     assert m["with_solution_success_t1"] > m["heldout_success_t1"] + 0.3
 
 
+@pytest.mark.slow
 def test_saved_model_reproduces_its_metrics(tiny_path):
     tok = AutoTokenizer.from_pretrained(tiny_path)
     model = AutoModelForCausalLM.from_pretrained(tiny_path)
@@ -148,15 +151,17 @@ def test_saved_model_reproduces_its_metrics(tiny_path):
     assert success_rate(model, tok, test, temperature=0.0) == m["heldout_success_greedy"]
 
 
+@pytest.mark.slow
 def test_ensure_returns_existing_at_once(tiny_path):
     start = time.perf_counter()
     assert ensure_tiny_model(os.path.dirname(tiny_path)) == tiny_path
     assert time.perf_counter() - start < 1.0
 
 
+@pytest.mark.slow
 def test_cli_uses_existing(tiny_path):
     out = subprocess.run(
-        [sys.executable, "-m", "sdpo.tiny.warmstart", "--cache-dir", os.path.dirname(tiny_path)],
+        [sys.executable, "-m", "models.tiny_arithmetic", "--cache-dir", os.path.dirname(tiny_path)],
         capture_output=True, text=True, timeout=120, check=True,
     )
     assert out.stdout.splitlines()[0] == tiny_path

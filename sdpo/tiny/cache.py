@@ -1,6 +1,6 @@
 """The cache of embedded models: build once, publish atomically, share between processes and users.
 
-Every embedded model (``sdpo.tiny.warmstart``, ``sdpo.tiny.warmstart_feedback``) is a Hugging Face
+Every embedded model (``models.tiny_arithmetic``, ``models.tiny_pairsums``) is a Hugging Face
 directory under ``$SDPO_CACHE_DIR`` (default ``~/.cache/sdpo``), built by its own training function
 the first time something asks for it.
 """
@@ -72,7 +72,7 @@ def ensure_built(name: str, build: Callable[[], tuple], *, cache_dir: str | None
 
 
 def cli(prog: str, description: str, ensure: Callable[..., str], argv: list[str] | None = None) -> None:
-    """`python -m sdpo.tiny.<builder> [--cache-dir DIR] [--force]`: build (if needed), print the path and metrics."""
+    """`python -m models.<builder> [--cache-dir DIR] [--force]`: build (if needed), print the path and metrics."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--cache-dir", default=None, help="default: $SDPO_CACHE_DIR or ~/.cache/sdpo")
     parser.add_argument("--force", action="store_true", help="rebuild even if the model is already there")
