@@ -11,6 +11,8 @@ import pytest
 from sdpo.recipe import load_config
 from sdpo.run import preflight
 
+pytestmark = pytest.mark.slow  # most tests run the CLI in a subprocess
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = "recipes/quickstart.yaml"
 

@@ -57,6 +57,7 @@ def _cli(*args):
     return subprocess.run([sys.executable, "-m", "sdpo.run", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_dry_run_prints_config_and_placement():
     out = _cli("recipes/quickstart.yaml", "--dry-run")
     assert out.returncode == 0, out.stderr
@@ -66,6 +67,7 @@ def test_dry_run_prints_config_and_placement():
     assert "FSDP2 over gloo" in out.stdout
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_input_before_any_work():
     out = _cli("recipes/quickstart.yaml", "loss.alpah=1")
     assert out.returncode == 2 and "loss.alpah: unknown key" in out.stderr

@@ -4,7 +4,6 @@ counted, the run (the pool) goes on, groups reach the group hook whole, async ve
 import textwrap
 
 import pytest
-import ray
 
 from environments import Task
 from sdpo.config import EnvironmentConfig
@@ -58,13 +57,6 @@ def env_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def pool(env_file, cls: str, workers: int = 2, timeout_s: float = 1.0) -> EnvPool:
     return EnvPool(EnvironmentConfig(name=f"{env_file}:{cls}", workers=workers, num_cpus_per_worker=0.1,
                                      timeout_s_per_call=timeout_s))
@@ -74,6 +66,8 @@ def tasks_for(ids: list[str]) -> list[Task]:
     return [Task(id=i, messages=[{"role": "user", "content": i}]) for i in ids]
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("local_ray")
 def test_every_failure_becomes_a_counted_zero_and_order_is_kept(env_file):
     envs = pool(env_file, "Flaky")
     completions = ["ok", "raise", "no", "hang", "wrong type", "ok"]
@@ -89,6 +83,8 @@ def test_every_failure_becomes_a_counted_zero_and_order_is_kept(env_file):
     assert [v.reward for v in again] == [0.0, 0.0, 1.0]
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("local_ray")
 def test_a_crashed_worker_scores_its_chunk_zero_and_comes_back(env_file):
     envs = pool(env_file, "Flaky", workers=2, timeout_s=5.0)
     verdicts = envs.verify(tasks_for(["a", "b", "c", "d"]), ["ok", "crash", "ok", "ok"])
@@ -98,6 +94,8 @@ def test_a_crashed_worker_scores_its_chunk_zero_and_comes_back(env_file):
     assert [v.reward for v in after] == [1.0, 1.0]
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("local_ray")
 def test_async_verifiers_run_concurrently_with_their_own_deadlines(env_file):
     envs = pool(env_file, "AsyncEnv", workers=1)
     pending = envs.submit(tasks_for([str(i) for i in range(10)]), ["ok"] * 7 + ["hang", "raise", "no"])
@@ -107,6 +105,8 @@ def test_async_verifiers_run_concurrently_with_their_own_deadlines(env_file):
     assert "verifier_failure" not in verdicts[9].info
 
 
+@pytest.mark.integration
+@pytest.mark.usefixtures("local_ray")
 def test_the_group_hook_sees_whole_groups_and_its_failure_is_contained(env_file):
     envs = pool(env_file, "Grouped", workers=2)
     tasks = [t for t in tasks_for(["p", "q", "explode"]) for _ in range(3)]

@@ -99,6 +99,7 @@ def test_hub_names_go_to_datasets_lazily_and_fail_clearly_offline(monkeypatch):
         load_rows("no-such-org/no-such-set", "train")
 
 
+@pytest.mark.slow
 def test_environments_import_neither_torch_nor_ray():
     import subprocess
     import sys

@@ -6,6 +6,8 @@ import pytest
 
 from environments.code import FEEDBACK_CHARS, Code, extract_code, from_livecodebench, judge_feedback, outputs_match
 
+pytestmark = pytest.mark.slow
+
 ENV = Code(time_limit_s=1.0)
 TASKS = {t.id: t for t in ENV.tasks("train")}
 

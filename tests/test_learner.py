@@ -4,7 +4,6 @@ teacher moves by exactly its rate."""
 import random
 
 import pytest
-import ray
 import torch
 from safetensors.torch import load_file
 from transformers import Qwen2ForCausalLM
@@ -14,22 +13,12 @@ from sdpo.learner.group import LearnerGroup, balance
 from sdpo.recipe import load_config
 from sdpo.tiny.model import tiny_model_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model")
-    Qwen2ForCausalLM(tiny_model_config(100)).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def model_path(learner_model_dir):
+    return learner_model_dir
 
 
 def make_batch(n: int) -> list[TrainSample]:

@@ -2,13 +2,13 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_ports
 from sdpo.loss import (
     aggregate,
     entropy_threshold,
@@ -105,12 +105,6 @@ def test_mask_per_micro_batch_equals_full_batch_rule():
     assert local != pytest.approx(float(whole), abs=1e-6)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_main(rank, world, port, shards, q, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -120,13 +114,14 @@ def _rank_main(rank, world, port, shards, q, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_gather_across_real_gloo_ranks_with_uneven_counts():
     g = torch.Generator().manual_seed(2)
     shards = [torch.rand(7, generator=g), torch.rand(12, generator=g)]
     q = 0.25
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_rank_main, args=(2, _free_port(), shards, q, out), nprocs=2, join=True)
+        mp.spawn(_rank_main, args=(2, free_ports(1)[0], shards, q, out), nprocs=2, join=True)
         results = dict(out)
     expected = entropy_threshold(torch.cat(shards), q)
     assert results[0] == pytest.approx(expected, abs=1e-7) and results[1] == pytest.approx(expected, abs=1e-7)

@@ -12,6 +12,8 @@ from sdpo.metrics import RunLogger
 from sdpo.plot import load_metrics, moving_average, series
 from sdpo.recipe import load_config
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -13,7 +13,7 @@ import pytest
 import ray
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
 from sdpo.rollout.base import Completion, make_engine, vllm_available
 from sdpo.rollout.weights import write_weights
@@ -41,34 +41,14 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=128,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        head_dim=32,
-        intermediate_size=256,
-        tie_word_embeddings=False,
-        max_position_embeddings=2048,
-        initializer_range=0.1,  # peakier than the default 0.02 (near-uniform) distribution
-    )
-    path = tmp_path_factory.mktemp("tiny-qwen2")
-    Qwen2ForCausalLM(config).to(torch.float32).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def original_weights(model_dir) -> str:
-    return f"{model_dir}/model.safetensors"  # the full HF-named state dict: a valid load_weights path
+def original_weights(engine_model_dir) -> str:
+    return f"{engine_model_dir}/model.safetensors"  # the full HF-named state dict: a valid load_weights path
 
 
 @pytest.fixture(scope="module", params=KINDS)
-def engine(request, model_dir):
+def engine(request, engine_model_dir):
     started = time.perf_counter()
-    eng = make_engine(request.param, model_dir, dtype="float32", kv_cache_gib=1.0, seed=0)
+    eng = make_engine(request.param, engine_model_dir, dtype="float32", kv_cache_gib=1.0, seed=0)
     print(f"\n[{request.param}] engine start-up {time.perf_counter() - started:.1f} s")
     yield eng
     eng.close()  # in-process vLLM holds a torch.distributed group: free it for later tests
@@ -83,8 +63,8 @@ def reference_model(weights: str) -> torch.nn.Module:
     return model.eval()
 
 
-def perturbed_model(model_dir: str) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+def perturbed_model(engine_model_dir: str) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(engine_model_dir, dtype=torch.float32, attn_implementation="eager")
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():
@@ -119,6 +99,7 @@ def sample(engine_or_call, **overrides):
     return engine_or_call(PROMPTS, **kwargs)
 
 
+@pytest.mark.integration
 def test_generate_shapes_logprobs_and_stops(engine):
     started = time.perf_counter()
     groups = sample(engine.generate)
@@ -141,6 +122,7 @@ def test_generate_shapes_logprobs_and_stops(engine):
     assert "stop" in reasons
 
 
+@pytest.mark.integration
 def test_generate_is_deterministic_per_seed(engine):
     first, again, other = sample(engine.generate), sample(engine.generate), sample(engine.generate, seed=8)
     assert first == again
@@ -149,14 +131,15 @@ def test_generate_is_deterministic_per_seed(engine):
     assert len({tuple(c.token_ids) for c in first[0]}) > 1
 
 
-def test_weight_sync_changes_scores_to_new_model(engine, model_dir, original_weights, tmp_path):
+@pytest.mark.integration
+def test_weight_sync_changes_scores_to_new_model(engine, engine_model_dir, original_weights, tmp_path):
     engine.load_weights(original_weights)  # start from a known state whatever ran before
     prompt = PROMPTS[2]
     response = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(3)).tolist()
     before = engine.score([prompt], [response])[0]
     assert max_diff(before, reference_logprobs(reference_model(original_weights), prompt, response)) < TOL
 
-    new_model = perturbed_model(model_dir)
+    new_model = perturbed_model(engine_model_dir)
     started = time.perf_counter()
     path = write_weights(new_model.state_dict(), str(tmp_path), version=1)
     engine.load_weights(path)
@@ -171,6 +154,7 @@ def test_weight_sync_changes_scores_to_new_model(engine, model_dir, original_wei
     engine.load_weights(original_weights)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.9)])
 def test_sampled_logprobs_match_reference(engine, original_weights, temperature, top_p):
     """Rollout vs learner: each sampled token's log-prob equals an fp32 forward of the same ids
@@ -205,16 +189,10 @@ def test_write_weights_handles_shared_tensors_and_keeps_latest(tmp_path):
         assert torch.equal(loaded[name], tensor)
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", KINDS)
-def test_rollout_worker_actor(ray_local, kind, model_dir, tmp_path):
-    worker = RolloutWorker.options(num_cpus=0.5).remote(kind, model_dir, "float32", 1.0, 0, 1)
+def test_rollout_worker_actor(local_ray, kind, engine_model_dir, tmp_path):
+    worker = RolloutWorker.options(num_cpus=0.5).remote(kind, engine_model_dir, "float32", 1.0, 0, 1)
     try:
         assert ray.get(worker.engine_kind.remote()) == kind
         assert ray.get(worker.version.remote()) == 0
@@ -222,7 +200,7 @@ def test_rollout_worker_actor(ray_local, kind, model_dir, tmp_path):
         assert [len(g) for g in groups] == [4] * len(PROMPTS)
         assert all(isinstance(c, Completion) for g in groups for c in g)
 
-        new_model = perturbed_model(model_dir)
+        new_model = perturbed_model(engine_model_dir)
         ray.get(worker.load_weights.remote(write_weights(new_model.state_dict(), str(tmp_path), 5), 5))
         assert ray.get(worker.version.remote()) == 5
         c = groups[0][0]

@@ -6,18 +6,17 @@ One pool of two vLLM-CPU replicas serves the whole module (each start-up costs ~
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import ray
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM
 
+from conftest import free_ports
 from sdpo.config import Config
 from sdpo.rollout.base import vllm_available
 from sdpo.rollout.pool import RolloutPool, balance
 from sdpo.rollout.transports.broadcast import join_weight_group, send_weights
-from sdpo.rollout.transports.buckets import iter_buckets, pack, plan_buckets, meta_of, unpack
+from sdpo.rollout.transports.buckets import iter_buckets, meta_of, pack, plan_buckets, unpack
 from sdpo.rollout.transports.handles import send_weights_by_handle
 from sdpo.rollout.transports.learner_side import iter_full_tensors
 from sdpo.rollout.weights import write_weights
@@ -56,19 +55,8 @@ def test_buckets_round_trip_and_respect_size():
             assert name == name2 and back.dtype == original.dtype and torch.equal(back, original)
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=4, head_dim=32, intermediate_size=256, tie_word_embeddings=False,
-                         max_position_embeddings=2048, initializer_range=0.1)
-    path = tmp_path_factory.mktemp("tiny-qwen2-pool")
-    Qwen2ForCausalLM(config).to(torch.float32).save_pretrained(path)
-    return str(path)
-
-
-def perturbed(model_dir: str, seed: int) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+def perturbed(engine_model_dir: str, seed: int) -> torch.nn.Module:
+    model = AutoModelForCausalLM.from_pretrained(engine_model_dir, dtype=torch.float32, attn_implementation="eager")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -83,18 +71,15 @@ def reference_logprobs(model, prompt, response) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    torch.set_num_threads(1)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def ray_cluster(local_ray):
+    torch.set_num_threads(1)  # tiny models gain nothing from 2 threads on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
-def pool(ray_cluster, model_dir):
+def pool(ray_cluster, engine_model_dir):
     cfg = Config(seed=0, rollout=dict(engine="vllm", replicas=2, kv_cache_gib=0.25, dtype="float32",
                                       num_cpus_per_replica=0.5, torch_threads_per_replica=1, max_replica_restarts=1))
-    pool = RolloutPool(cfg, model_dir)
+    pool = RolloutPool(cfg, engine_model_dir)
     yield pool
     pool.shutdown()
 
@@ -115,11 +100,12 @@ def assert_engine_has(pool: RolloutPool, model: torch.nn.Module) -> None:
         assert (got - expected.double()).abs().max().item() < TOL
 
 
+@pytest.mark.integration
 @needs_vllm
-def test_pool_balances_gathers_in_order_and_stamps_versions(pool, model_dir, tmp_path):
+def test_pool_balances_gathers_in_order_and_stamps_versions(pool, engine_model_dir, tmp_path):
     assert pool.engine_kind == "vllm" and len(pool.workers) == 2
     # The same weights under a different version per replica: the stamps say who sampled what.
-    path = f"{model_dir}/model.safetensors"
+    path = f"{engine_model_dir}/model.safetensors"
     ray.get([w.load_weights.remote(path, 11 + i) for i, w in enumerate(pool.workers)])
     groups = greedy(pool)
     assert len(groups) == len(PROMPTS) and all(len(g) == 1 for g in groups)
@@ -130,18 +116,19 @@ def test_pool_balances_gathers_in_order_and_stamps_versions(pool, model_dir, tmp
     alone = greedy(pool.workers[0])
     assert [[c.token_ids for c in g] for g in groups] == [[c.token_ids for c in g] for g in alone]
 
-    new = perturbed(model_dir, seed=1)
+    new = perturbed(engine_model_dir, seed=1)
     pool.load_weights(write_weights(new.state_dict(), str(tmp_path), version=13), version=13)
     assert pool.versions() == [13, 13]
     assert {c.policy_version for g in greedy(pool) for c in g} == {13}
     assert_engine_has(pool, new)
 
 
+@pytest.mark.integration
 @needs_vllm
-def test_bucketed_sync_by_handle_through_vllm(pool, model_dir):
+def test_bucketed_sync_by_handle_through_vllm(pool, engine_model_dir):
     """The cuda_ipc protocol (begin, one RPC per bucket, finish) with shared-memory files as the
     handles: small buckets force a layer to span several of them."""
-    new = perturbed(model_dir, seed=2)
+    new = perturbed(engine_model_dir, seed=2)
     stats = send_weights_by_handle(iter_full_tensors(new), pool.workers, version=21, bucket_bytes=64 * 1024,
                                    device=torch.device("cpu"))
     assert stats["buckets"] > 5
@@ -149,17 +136,16 @@ def test_bucketed_sync_by_handle_through_vllm(pool, model_dir):
     assert_engine_has(pool, new)
 
 
+@pytest.mark.integration
 @needs_vllm
-def test_broadcast_sync_through_vllm(pool, model_dir):
+def test_broadcast_sync_through_vllm(pool, engine_model_dir):
     """The nccl protocol (headers and buckets broadcast from rank 0) over gloo."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     world, joining = pool.join_weight_group("gloo", "127.0.0.1", port)
     assert world == 3  # the sender and one engine worker per replica
     group = join_weight_group("gloo", "127.0.0.1", port, rank=0, world_size=world)
     ray.get(joining)
-    new = perturbed(model_dir, seed=3)
+    new = perturbed(engine_model_dir, seed=3)
     receiving = [w.receive_weights.remote(31) for w in pool.workers]
     stats = send_weights(iter_full_tensors(new), group, bucket_bytes=96 * 1024)
     ray.get(receiving)
@@ -167,22 +153,21 @@ def test_broadcast_sync_through_vllm(pool, model_dir):
     assert_engine_has(pool, new)
 
 
-def test_hf_engine_takes_both_bucketed_transports(ray_cluster, model_dir):
+@pytest.mark.integration
+def test_hf_engine_takes_both_bucketed_transports(ray_cluster, engine_model_dir):
     """The HF engine (the fallback, and the GPU benchmark's engine) receives buckets too."""
     from sdpo.rollout.worker import RolloutWorker
 
-    worker = RolloutWorker.options(num_cpus=0.5).remote("hf", model_dir, "float32", 0.25, 0, 1)
+    worker = RolloutWorker.options(num_cpus=0.5).remote("hf", engine_model_dir, "float32", 0.25, 0, 1)
     try:
         prompt, response = PROMPTS[1], list(range(20, 40))
         for version, seed in ((51, 5), (52, 6)):
-            new = perturbed(model_dir, seed=seed)
+            new = perturbed(engine_model_dir, seed=seed)
             if version == 51:
                 send_weights_by_handle(iter_full_tensors(new), [worker], version, bucket_bytes=64 * 1024,
                                        device=torch.device("cpu"))
             else:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
+                (port,) = free_ports(1)
                 joining = worker.join_weight_group.remote("gloo", "127.0.0.1", port, 1, 2)
                 group = join_weight_group("gloo", "127.0.0.1", port, rank=0, world_size=2)
                 ray.get(joining)
@@ -196,9 +181,10 @@ def test_hf_engine_takes_both_bucketed_transports(ray_cluster, model_dir):
         ray.kill(worker)
 
 
+@pytest.mark.integration
 @needs_vllm
-def test_dead_replica_is_replaced_and_call_retried(pool, model_dir, tmp_path):
-    new = perturbed(model_dir, seed=4)
+def test_dead_replica_is_replaced_and_call_retried(pool, engine_model_dir, tmp_path):
+    new = perturbed(engine_model_dir, seed=4)
     pool.load_weights(write_weights(new.state_dict(), str(tmp_path), version=41), version=41)
     expected = greedy(pool)
     old_pid = ray.get(pool.workers[1].pid.remote())

@@ -22,6 +22,8 @@ import pytest
 
 from environments.sandbox import SandboxLimits, python_argv, resolve_level, run_sandboxed
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 LEVEL = resolve_level("auto")
 FAST = SandboxLimits(wall_s=5, cpu_s=2, memory_mib=512, processes=16, output_bytes=1 << 16)
