@@ -9,7 +9,7 @@ environment) leaves loaded weights in pages of the mmapped checkpoint that becom
 when first touched, so TRL's "resident" before the step undercounts its weights. On a GPU, benchmarks/gpu/learner.py reports
 torch.cuda.max_memory_allocated instead.
 
-    .venv/bin/python benchmarks/learner_memory.py --trl-python /tmp/venv-trl/bin/python
+    .venv/bin/python benchmarks/learner/memory.py --trl-python /tmp/venv-trl/bin/python
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "learner"))
+sys.path.insert(0, HERE)
 
 from harness import Side, build_model, load_average  # noqa: E402
 from workload import SHAPES, make_batch, save_batch  # noqa: E402
@@ -55,10 +55,10 @@ def main() -> None:
         save_batch(batch_path, batch)
         packed = [max(len(s["prompt_ids"]), len(s["teacher_prompt_ids"])) + len(s["response_ids"]) for s in batch]
         budget = a.micro * sum(packed) // len(packed)
-        ours = [sys.executable, os.path.join(HERE, "learner", "side_ours.py"), "--model", model, "--batch", batch_path,
+        ours = [sys.executable, os.path.join(HERE, "side_ours.py"), "--model", model, "--batch", batch_path,
                 "--threads", str(a.threads), "--overrides"]
         variants = {
-            "trl": [a.trl_python, os.path.join(HERE, "learner", "side_trl.py"), "--model", model, "--batch", batch_path,
+            "trl": [a.trl_python, os.path.join(HERE, "side_trl.py"), "--model", model, "--batch", batch_path,
                     "--micro", str(a.micro), "--threads", str(a.threads)],
             "ours-packed": ours + [json.dumps([f"learner.max_tokens_per_micro_batch={budget}"])],
             "ours-lean": ours + [json.dumps([f"learner.max_tokens_per_micro_batch={budget}", "loss.chunk_tokens=256",

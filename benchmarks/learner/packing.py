@@ -5,7 +5,7 @@ same average size (learner.max_tokens_per_micro_batch), stepped in turn in two p
 Padding costs twice: every row of a padded micro-batch is as long as its longest sample, and the
 LM head runs on every padded position; packing runs only real tokens (attention per sample).
 
-    .venv/bin/python benchmarks/packing.py
+    .venv/bin/python benchmarks/learner/packing.py
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "learner"))
+sys.path.insert(0, HERE)
 
 from harness import build_model, interleave, load_average, median_seconds, started  # noqa: E402
 from workload import SHAPES, make_batch, save_batch, token_counts  # noqa: E402
@@ -52,7 +52,7 @@ def main() -> None:
     lengths = sorted(len(s["prompt_ids"]) + len(s["response_ids"]) for s in batch)
     packed = [max(len(s["prompt_ids"]), len(s["teacher_prompt_ids"])) + len(s["response_ids"]) for s in batch]
     budget = a.micro * sum(packed) // len(packed)
-    ours = [sys.executable, os.path.join(HERE, "learner", "side_ours.py"), "--model", model, "--batch", batch_path,
+    ours = [sys.executable, os.path.join(HERE, "side_ours.py"), "--model", model, "--batch", batch_path,
             "--threads", str(a.threads)]
     specs = [("padded", ours + ["--overrides", json.dumps([f"learner.samples_per_micro_batch={a.micro}"])],
               os.path.join(work, "padded.log")),

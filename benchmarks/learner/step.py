@@ -13,7 +13,7 @@ Sides (each its own process, stepped in turn so that machine load falls on all a
   ours-packed-all  the same, but computing the samples without a teacher signal too (as TRL does;
                  pure SDPO skips them: their loss and gradient are exactly 0)
 
-    .venv/bin/python benchmarks/learner_step.py --trl-python /tmp/venv-trl/bin/python
+    .venv/bin/python benchmarks/learner/step.py --trl-python /tmp/venv-trl/bin/python
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "learner"))
+sys.path.insert(0, HERE)
 
 from harness import build_model, interleave, load_average, median_seconds, started  # noqa: E402
 from workload import SHAPES, make_batch, save_batch, token_counts  # noqa: E402
@@ -50,10 +50,10 @@ def main() -> None:
     save_batch(batch_path, batch)
     packed = [max(len(s["prompt_ids"]), len(s["teacher_prompt_ids"])) + len(s["response_ids"]) for s in batch]
     budget = a.budget or a.micro * sum(packed) // len(packed)
-    ours = [sys.executable, os.path.join(HERE, "learner", "side_ours.py"), "--model", model, "--batch", batch_path,
+    ours = [sys.executable, os.path.join(HERE, "side_ours.py"), "--model", model, "--batch", batch_path,
             "--threads", str(a.threads)]
     specs = [
-        ("trl", [a.trl_python, os.path.join(HERE, "learner", "side_trl.py"), "--model", model, "--batch", batch_path,
+        ("trl", [a.trl_python, os.path.join(HERE, "side_trl.py"), "--model", model, "--batch", batch_path,
                  "--micro", str(a.micro), "--threads", str(a.threads)], os.path.join(work, "trl.log")),
         ("ours-padded", ours + ["--overrides", json.dumps([f"learner.samples_per_micro_batch={a.micro}"])],
          os.path.join(work, "ours-padded.log")),

@@ -1,6 +1,6 @@
 """Peak memory and time of one loss variant (forward + backward) in this fresh process.
 
-Run by benchmarks/loss_memory.py, one subprocess per measurement, so that no allocator cache or
+Run by benchmarks/loss/memory.py, one subprocess per measurement, so that no allocator cache or
 earlier peak leaks between variants. Prints one JSON line.
 
 Peak memory is the process's resident high-water mark (VmHWM) during the loss, minus the resident

@@ -10,8 +10,8 @@ sizes given by --straightforward-tokens and fitted with a line (peak = a + b N, 
 it: every buffer is (N, V) or fixed); the 8,192-token figure for it is that line's, marked as
 extrapolated. The chunked path is measured at 8,192 tokens.
 
-    .venv/bin/python benchmarks/loss_memory.py --trl-python /tmp/venv-trl/bin/python
-    .venv/bin/python benchmarks/loss_memory.py --summarize   # only re-print from the results file
+    .venv/bin/python benchmarks/loss/memory.py --trl-python /tmp/venv-trl/bin/python
+    .venv/bin/python benchmarks/loss/memory.py --summarize   # only re-print from the results file
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "loss", "results.jsonl")
+RESULTS = os.path.join(HERE, "..", "results", "loss", "memory.jsonl")
 
 CONFIGS = {
     # The paper's default distillation: alpha 0.5 (JSD), student top-100 with a tail bucket.
@@ -36,7 +36,7 @@ CONFIGS = {
 def measure(python: str, variant: str, tokens: int, config: str, args) -> dict:
     cfg = CONFIGS[config]
     cmd = [
-        python, "-W", "ignore", os.path.join(HERE, "loss", "measure_one.py"),
+        python, "-W", "ignore", os.path.join(HERE, "measure_one.py"),
         "--variant", variant, "--tokens", str(tokens), "--vocab", str(args.vocab), "--hidden", str(args.hidden),
         "--dtype", args.dtype, "--alpha", str(cfg["alpha"]), "--topk", cfg["topk"], "--add-tail", cfg["add_tail"],
         "--chunk-tokens", str(args.chunk_tokens),

@@ -1,7 +1,7 @@
 """Train one recipe under several objectives and seeds; plot held-out success against steps and
 against training seconds; print a markdown table.
 
-    python benchmarks/compare_objectives.py --recipe recipes/quickstart.yaml --seeds 0 1 2 \
+    python benchmarks/training/compare_objectives.py --recipe recipes/quickstart.yaml --seeds 0 1 2 \
         --variant sdpo= --variant "grpo=loss.objective=grpo optimizer.lr=3e-4" \
         --out benchmarks/results/sdpo_vs_grpo
 
