@@ -45,9 +45,9 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
+    from models.tiny_arithmetic import ensure_tiny_model
     from sdpo.models import load_tokenizer
     from sdpo.rollout.base import make_engine
-    from models.tiny_arithmetic import ensure_tiny_model
 
     model = args.model or ensure_tiny_model(log=lambda _: None)
     prompts = prompts_for(load_tokenizer(model), max(args.batches))

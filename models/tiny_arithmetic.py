@@ -7,17 +7,10 @@ question inside the SDPO teacher prompt with the correct answer shown (target: t
 It stops as soon as held-out success at temperature 1 reaches ``TARGET_SUCCESS`` and success with the
 answer shown reaches ``TARGET_WITH_SOLUTION``, leaving the student room to improve under RL.
 
-Why two phases (measured on 2 cores): a teacher-format example can be solved by adding as well as by
-copying the shown answer, and whichever skill forms first wins. With 128 plain + 32 teacher-format
-examples a step the model learns to add (held-out 0.23 at step 200) and never to copy (0.13 with the
-answer shown): a teacher no better than its student. Copying only forms with large teacher-format
-batches (64 a step: not in 700 steps; 128 a step: ~150 steps), and a sudden switch to mostly plain
-examples wipes it out again (0.91 -> 0.01 with 256 plain + 16 teacher-format). So phase 1 (64 plain +
-128 teacher-format) runs until copying works, and phase 2 (128 + 64) keeps it while adding forms.
-When adding forms varies a lot with the seed; lr 7e-4 made it far more regular than 2e-3. Measured
-with this recipe, seeds 0-2 stop after 275-300 steps with the student at 0.23-0.28 (T=1) and the
-answer shown at 0.88-0.93 (seed 3, switching phase at 0.6, needed 350 steps). Seed 0, the default:
-300 steps; student 0.23 (T=1) / 0.51 (greedy); with the answer shown 0.89 / 1.00.
+Two phases, because a teacher-format example can be solved by adding as well as by copying the
+shown answer, and whichever skill forms first wins: phase 1 (64 plain + 128 teacher-format examples
+a step) runs until copying works, phase 2 (128 + 64) keeps it while adding forms. The measurements
+behind these choices are in models/README.md.
 
     python -m models.tiny_arithmetic [--cache-dir DIR] [--force]
 """

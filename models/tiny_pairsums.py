@@ -15,11 +15,8 @@ SDPO teacher templates of ``TeacherContextConfig`` (SPEC 2):
 Every step mixes 8 plain, 48 feedback and 8 solution examples: reading feedback (copying aligned
 fields) forms only when the teacher formats dominate, and the facts the model learns along the way
 raise its plain success slowly. The build stops as soon as held-out success at temperature 1 reaches
-``TARGET_SUCCESS`` (~5%) with the teacher at ``TARGET_TEACHER``. (Measured: switching to 32 plain
-examples a step once the teacher worked took the student 0.008 -> 0.148 within 10 steps, overshooting
-the target; with this mix it rose 0.004 -> 0.066 over the last 60 of 360 steps. Two builds under
-different machine load logged identical scores at every evaluation they shared, steps 10-340.) Teacher
-competence is measured as the SDPO probe does: the model's own failed samples, the environment's
+``TARGET_SUCCESS`` (~5%) with the teacher at ``TARGET_TEACHER`` (how this mix was chosen:
+models/README.md). Teacher competence is measured as the SDPO probe does: the model's own failed samples, the environment's
 feedback on them, and the model answering from that teacher prompt.
 
     python -m models.tiny_pairsums [--cache-dir DIR] [--force]

@@ -1,4 +1,4 @@
-"""The SDPO divergence from hidden states, a chunk of response tokens at a time (issue 3, item 5).
+"""The SDPO divergence from hidden states, a chunk of response tokens at a time.
 
 The straightforward loss materializes (N, V) logits for student and teacher, their float32 copies,
 both log-softmaxes and the divergence's intermediates: at N = 8,192 response tokens and Qwen3's

@@ -60,7 +60,7 @@ class LossConfig(Section):
 
 
 class ModelConfig(Section):
-    # "tiny-arithmetic" is the embedded default: a 0.5M-parameter Qwen2 warm-started on addition,
+    # "tiny-arithmetic" is the embedded default: a 0.59M-parameter Qwen2 warm-started on addition,
     # built locally on first use and cached. Anything else is a local directory or a hub name.
     path: str = "tiny-arithmetic"
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"

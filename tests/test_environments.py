@@ -60,7 +60,8 @@ def test_tooluse_rewards_multiset_and_merged_inputs_and_names_the_mismatch():
     env = ToolUse()
     tasks = {t.id: t for t in env.tasks("train")}
     assert env.verify(tasks["weather"], tasks["weather"].demonstration).reward == 1.0
-    pets_ok = 'Action: findPetsByStatus\nAction Input: {"status": "available"}\nAction: addPet\nAction Input: {"species": "dog", "name": "Rex"}'
+    pets_ok = ('Action: findPetsByStatus\nAction Input: {"status": "available"}\n'
+               'Action: addPet\nAction Input: {"species": "dog", "name": "Rex"}')
     assert env.verify(tasks["pets"], pets_ok).reward == 1.0  # order free, inputs merged
     once = 'Action: convert\nAction Input: {"amount": 100, "from": "USD", "to": "JPY"}'
     verdict = env.verify(tasks["convert"], once)  # same merged inputs, but one call short

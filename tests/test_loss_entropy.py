@@ -99,7 +99,8 @@ def test_mask_per_micro_batch_equals_full_batch_rule():
     assert total == pytest.approx(float(whole), abs=1e-12)
     # A per-micro-batch threshold would not agree: the rule really is global.
     local = sum(
-        float(aggregate(loss[starts[a] : starts[b]], top_entropy_mask(e, entropy_threshold(e, q)), seq[starts[a] : starts[b]] - a, sd[a:b], **kw))
+        float(aggregate(loss[starts[a] : starts[b]], top_entropy_mask(e, entropy_threshold(e, q)), seq[starts[a] : starts[b]] - a,
+                        sd[a:b], **kw))
         for (a, b), e in zip(zip(bounds, bounds[1:]), micro_ents)
     )
     assert local != pytest.approx(float(whole), abs=1e-6)

@@ -54,7 +54,8 @@ def _loss_fn(variant: str, args):
         from sdpo.chunked_loss import chunked_divergence
 
         def run(hs, ht, ws, wt):
-            return chunked_divergence(hs, ht, ws, wt, alpha=args.alpha, topk=args.topk, add_tail=args.add_tail, chunk_tokens=args.chunk_tokens).per_token
+            return chunked_divergence(hs, ht, ws, wt, alpha=args.alpha, topk=args.topk, add_tail=args.add_tail,
+                                      chunk_tokens=args.chunk_tokens).per_token
 
         return run
     if variant == "trl":
@@ -72,7 +73,8 @@ def _loss_fn(variant: str, args):
             if args.topk is None:
                 return compute_full_logit_self_distillation_loss(student_logits, teacher_logits, distillation_alpha=args.alpha)
             return compute_topk_self_distillation_loss(
-                student_logits, teacher_logits, distillation_topk=args.topk, distillation_alpha=args.alpha, distillation_add_tail=args.add_tail
+                student_logits, teacher_logits, distillation_topk=args.topk, distillation_alpha=args.alpha,
+                distillation_add_tail=args.add_tail
             )
 
         return run

@@ -81,7 +81,8 @@ def summarize(rows: list[dict], target_tokens: int) -> None:
                 same = [r for r in sel if r["variant"] == variant and r["tokens"] == c["tokens"]]
                 ref = same[0]["peak_mib"] if same else a + b * c["tokens"]
                 tag = "measured" if same else "extrapolated"
-                print(f"  chunked/{variant} at {c['tokens']} tokens: {c['peak_mib']:.0f} / {ref:.0f} MiB ({tag}) = {c['peak_mib'] / ref:.3f}")
+                print(f"  chunked/{variant} at {c['tokens']} tokens: {c['peak_mib']:.0f} / {ref:.0f} MiB ({tag}) "
+                      f"= {c['peak_mib'] / ref:.3f}")
 
 
 def main() -> None:

@@ -123,7 +123,9 @@ def main() -> None:
     plot(results, args.key, args.plot or args.out / "success.png")
     baseline = args.baseline or list(variants)[-1]
     target = mean_curve(results[baseline])[-1]
-    lines = [f"| variant | overrides | {' | '.join(f'seed {s}' for s in args.seeds)} | mean final | first step (s) reaching {baseline}'s final {target[2]:.3f} | per seed: first step reaching it |",
+    seeds = " | ".join(f"seed {s}" for s in args.seeds)
+    lines = [f"| variant | overrides | {seeds} | mean final | first step (s) reaching {baseline}'s final {target[2]:.3f} "
+             "| per seed: first step reaching it |",
              "| --- | --- | " + " | ".join("---" for _ in args.seeds) + " | --- | --- | --- |"]
     for name, curves in results.items():
         per_seed = " | ".join(f"{c[0][2]:.3f} -> {c[-1][2]:.3f}" for c in curves)

@@ -1,5 +1,6 @@
-"""The tiny model's architecture: a standard Qwen2 causal LM (~0.57M parameters), so that every
-engine that loads Qwen2 (transformers, vLLM, vLLM-CPU) loads it without custom code.
+"""The tiny model's architecture: a standard Qwen2 causal LM (0.59M parameters over the 260-id
+byte tokenizer), so that every engine that loads Qwen2 (transformers, vLLM, vLLM-CPU) loads it
+without custom code.
 
 Run ``python -m sdpo.tiny.model [MODEL_DIR]`` to check that vLLM-CPU loads it (default: a saved
 random-init copy) and answers as transformers does.
