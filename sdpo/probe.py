@@ -18,6 +18,7 @@ from environments import Task
 from sdpo.batch import build_batch
 from sdpo.chat import chat_ids
 from sdpo.config import Config
+from sdpo.rollout.base import Sampling
 
 
 def probe_teacher(cfg: Config, tasks: list[Task], rollout, envs, learners, tokenizer, stops: list[int],
@@ -27,7 +28,7 @@ def probe_teacher(cfg: Config, tasks: list[Task], rollout, envs, learners, token
     seed = 20_000_003 + cfg.seed  # the same probe at every step, so the curve shows the teacher, not the dice
 
     prompt_ids = [chat_ids(tokenizer, t.messages) for t in tasks]
-    groups = rollout.generate(prompt_ids, n=n, temperature=cfg.rollout.temperature, seed=seed, **sampling)
+    groups = rollout.generate(prompt_ids, Sampling(n=n, temperature=cfg.rollout.temperature, seed=seed, **sampling))
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
     flat = envs.verify([t for t in tasks for _ in range(n)], texts, group_size=n)
     verdicts = [flat[i * n : (i + 1) * n] for i in range(len(tasks))]
@@ -45,7 +46,8 @@ def probe_teacher(cfg: Config, tasks: list[Task], rollout, envs, learners, token
     separate = learners.has_separate_teacher
     if separate:  # the engine answers with the teacher's weights, then gets the student's back
         rollout.load_weights(learners.export_weights(weights_dir + "-teacher", step, teacher=True), version=step)
-    answers = rollout.generate([s.teacher_prompt_ids for s, _ in taught], n=1, temperature=cfg.eval.temperature, seed=seed + 1, **sampling)
+    answers = rollout.generate([s.teacher_prompt_ids for s, _ in taught],
+                               Sampling(n=1, temperature=cfg.eval.temperature, seed=seed + 1, **sampling))
     if separate:
         rollout.load_weights(learners.export_weights(weights_dir, step), version=step)
     answer_texts = [tokenizer.decode(g[0].token_ids, skip_special_tokens=True) for g in answers]

@@ -24,8 +24,9 @@ from sdpo.metrics import PhaseTimer, RunLogger
 from sdpo.models import load_tokenizer, resolve_model_path, stop_token_ids
 from sdpo.probe import probe_teacher
 from sdpo.recipe import to_yaml
+from sdpo.rollout.base import Sampling
 from sdpo.rollout.pool import RolloutPool
-from sdpo.rollout.weights import default_weights_dir
+from sdpo.weight_sync.files import default_weights_dir
 
 
 def train(cfg: Config, environment: tuple | None = None) -> dict[str, dict[str, float]]:
@@ -55,8 +56,9 @@ def train(cfg: Config, environment: tuple | None = None) -> dict[str, dict[str, 
 
     def generate_groups(tasks: list[Task], n: int, temperature: float, seed: int):
         prompt_ids = [chat_ids(tokenizer, t.messages) for t in tasks]
-        groups = rollout.generate(prompt_ids, n=n, temperature=temperature, top_p=cfg.rollout.top_p,
-                                  max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stops, seed=seed)
+        groups = rollout.generate(prompt_ids, Sampling(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
+                                                       max_new_tokens=cfg.rollout.max_response_tokens,
+                                                       stop_token_ids=stops, seed=seed))
         return prompt_ids, groups
 
     def evaluate(step: int) -> dict[str, float]:

@@ -14,13 +14,14 @@ import torch
 from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from sdpo.config import Config
-from sdpo.rollout.base import vllm_available
+from sdpo.rollout import vllm_available
+from sdpo.rollout.base import Sampling
 from sdpo.rollout.pool import RolloutPool, balance
-from sdpo.rollout.transports.broadcast import join_weight_group, send_weights
-from sdpo.rollout.transports.buckets import iter_buckets, pack, plan_buckets, meta_of, unpack
-from sdpo.rollout.transports.handles import send_weights_by_handle
-from sdpo.rollout.transports.learner_side import iter_full_tensors
-from sdpo.rollout.weights import write_weights
+from sdpo.weight_sync.broadcast import join_weight_group, send_weights
+from sdpo.weight_sync.buckets import iter_buckets, pack, plan_buckets, meta_of, unpack
+from sdpo.weight_sync.handles import send_weights_by_handle
+from sdpo.weight_sync.learner_side import iter_full_tensors
+from sdpo.weight_sync.files import write_weights
 
 TOL = 1e-4
 STOP = list(range(100, 128))
@@ -100,10 +101,10 @@ def pool(ray_cluster, model_dir):
 
 
 def greedy(pool_or_worker, prompts=PROMPTS):
-    kwargs = dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=12, stop_token_ids=STOP, seed=3)
+    sampling = Sampling(n=1, temperature=0.0, top_p=1.0, max_new_tokens=12, stop_token_ids=STOP, seed=3)
     if isinstance(pool_or_worker, RolloutPool):
-        return pool_or_worker.generate(prompts, **kwargs)
-    return ray.get(pool_or_worker.generate.remote(prompts, **kwargs))
+        return pool_or_worker.generate(prompts, sampling)
+    return ray.get(pool_or_worker.generate.remote(prompts, sampling))
 
 
 def assert_engine_has(pool: RolloutPool, model: torch.nn.Module) -> None:

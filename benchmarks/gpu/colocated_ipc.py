@@ -3,8 +3,8 @@ HF rollout engine on the same GPU, against the shared-memory file hand-off in th
 
 Two processes share one GPU, as a colocated learner rank and rollout replica do: this one is the
 learner (random-init model of Qwen2-0.5B's shape, AdamW, bf16 autocast); a spawned child runs
-`HFEngine`. The hand-off is the code the framework uses (`transports.buckets.pack`,
-`transports.handles.export_bucket` / the engine's `load_weight_bucket`); only Ray is replaced by a
+`HFEngine`. The hand-off is the code the framework uses (`weight_sync.buckets.pack`,
+`weight_sync.handles.export_bucket` / the engine's `load_weight_bucket`); only Ray is replaced by a
 pipe, since the GPU machine has no Ray. After each hand-off the engine's log-probs are checked
 against the learner's own: a transfer that lands wrong weights fails the run.
 
@@ -120,8 +120,8 @@ def named_weights(model, dtype: torch.dtype):
 def handoff_by_handle(model, engine: EngineClient, bucket_bytes: int, dtype: torch.dtype, device: torch.device) -> dict:
     """begin; per bucket: pack into a reused GPU buffer, export its handle, the engine copies out;
     finish. One round trip per bucket (the framework's send_weights_by_handle over Ray overlaps two)."""
-    from sdpo.rollout.transports.buckets import iter_buckets, pack
-    from sdpo.rollout.transports.handles import export_bucket, release_bucket
+    from sdpo.weight_sync.buckets import iter_buckets, pack
+    from sdpo.weight_sync.handles import export_bucket, release_bucket
 
     sync(device)
     started = time.perf_counter()
@@ -141,7 +141,7 @@ def handoff_by_handle(model, engine: EngineClient, bucket_bytes: int, dtype: tor
 
 def handoff_by_file(model, engine: EngineClient, directory: str, dtype: torch.dtype, device: torch.device) -> dict:
     """The shm transport for comparison: one safetensors file in /dev/shm, the engine reloads it."""
-    from sdpo.rollout.weights import write_weights
+    from sdpo.weight_sync.files import write_weights
 
     sync(device)
     started = time.perf_counter()

@@ -23,9 +23,9 @@ from sdpo.learner.model import (checkpoint_layers, lm_head_weight, load_causal_l
                                 response_logits, shard)
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
-from sdpo.rollout.transports.broadcast import join_weight_group
-from sdpo.rollout.transports.learner_side import iter_full_tensors, push_weights
-from sdpo.rollout.weights import savable, write_weights
+from sdpo.weight_sync.broadcast import join_weight_group
+from sdpo.weight_sync.learner_side import iter_full_tensors, push_weights
+from sdpo.weight_sync.files import savable, write_weights
 
 
 class LearnerWorker:

@@ -6,7 +6,7 @@
 - A replica that dies (its process crashed, it was killed) is replaced by a new actor that reloads
   the last weights, and its share of the call is retried with the same seed, so the call returns
   what it would have returned. At most `rollout.max_replica_restarts` replacements per run.
-- `sync_weights` moves new weights by the configured transport (see transports/__init__.py).
+- `sync_weights` moves new weights by the configured transport (see sdpo/weight_sync/__init__.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import ray
 from ray.exceptions import RayActorError
 
 from sdpo.config import Config
-from sdpo.rollout.base import Completion
-from sdpo.rollout.transports import resolve_weight_sync
+from sdpo.rollout.base import Completion, Sampling
+from sdpo.weight_sync import resolve_weight_sync
 from sdpo.rollout.worker import RolloutWorker
 
 _REPLICA_SEED_STRIDE = 7919  # replica i samples with seed + i * stride: replicas never share streams
@@ -56,15 +56,14 @@ class RolloutPool:
                                                     enable_sleep_mode=sleep_mode)
 
     # ---- generation --------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, stop_token_ids: list[int], seed: int) -> list[list[Completion]]:
-        expected = self._response_tokens_mean if self._response_tokens_mean is not None else max_new_tokens
-        shares = balance(prompts, len(self.workers), n, min(expected, max_new_tokens))
-        kwargs = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                      stop_token_ids=stop_token_ids)
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+        max_new = sampling.max_new_tokens
+        expected = self._response_tokens_mean if self._response_tokens_mean is not None else max_new
+        shares = balance(prompts, len(self.workers), sampling.n, min(expected, max_new))
 
         def submit(i: int):
-            return self.workers[i].generate.remote([prompts[j] for j in shares[i]], seed=seed + _REPLICA_SEED_STRIDE * i, **kwargs)
+            share = sampling.with_seed(sampling.seed + _REPLICA_SEED_STRIDE * i)
+            return self.workers[i].generate.remote([prompts[j] for j in shares[i]], share)
 
         refs = {i: submit(i) for i, share in enumerate(shares) if share}
         results: list[list[Completion] | None] = [None] * len(prompts)
@@ -118,7 +117,7 @@ class RolloutPool:
 
         shm: `learners.export_weights(directory, version)` writes a file, replicas reload it.
         nccl / cuda_ipc: `learners.push_weights(...)` (every rank calls
-        transports.learner_side.push_weights) while the replicas receive."""
+        weight_sync.learner_side.push_weights) while the replicas receive."""
         self._export = (learners, directory)
         started = time.perf_counter()
         if self.transport == "shm":

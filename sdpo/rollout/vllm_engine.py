@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from sdpo.rollout.base import Completion, RolloutEngine
+from sdpo.rollout.base import Completion, RolloutEngine, Sampling
 
 _EXTENSION = "sdpo.rollout.vllm_ext.WeightReloadExtension"
 _SEED_STRIDE = 1_000_003  # per-call seeds of consecutive `seed` values never share a request seed
@@ -77,28 +77,28 @@ class VLLMEngine(RolloutEngine):
             torch.set_num_threads = set_num_threads
         # The first request with log-probs torch.compiles vLLM's gather_logprobs (~2.5 s on 2 CPU
         # cores): pay it here, so that step times and throughput figures do not include it.
-        self.generate([[0]], n=1, temperature=1.0, top_p=1.0, max_new_tokens=1, stop_token_ids=[], seed=0)
+        self.generate([[0]], Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=1, stop_token_ids=(), seed=0))
         self.startup_s = time.perf_counter() - started
         self._sleeping = False
 
-    def generate(self, prompts, *, n, temperature, top_p, max_new_tokens, stop_token_ids, seed):
+    def generate(self, prompts, sampling: Sampling):
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         params = [
             SamplingParams(
-                n=n,
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=max_new_tokens,
-                stop_token_ids=list(stop_token_ids),
+                n=sampling.n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                stop_token_ids=list(sampling.stop_token_ids),
                 # only our stop ids stop a completion, not the EOS of the model's generation_config
                 ignore_eos=True,
                 logprobs=0,  # the sampled token's log-prob only
                 detokenize=False,
                 # vLLM gives the k-th sample of a request seed + k: space prompts n apart so that
                 # no two samples in a call share a seed, even for repeated prompts
-                seed=(seed * _SEED_STRIDE + i * n) % 2**63,
+                seed=(sampling.seed * _SEED_STRIDE + i * sampling.n) % 2**63,
             )
             for i in range(len(prompts))
         ]

@@ -4,8 +4,8 @@
 actor form. The caller picks the resources:
 
     worker = RolloutWorker.options(num_cpus=1).remote("auto", model_path, torch_threads=1)
-    groups = ray.get(worker.generate.remote(prompts, n=8, temperature=1.0, top_p=1.0,
-                                            max_new_tokens=64, stop_token_ids=[eos], seed=step))
+    sampling = Sampling(n=8, temperature=1.0, top_p=1.0, max_new_tokens=64, stop_token_ids=(eos,), seed=step)
+    groups = ray.get(worker.generate.remote(prompts, sampling))
 
 Every completion is stamped with the policy version of the weights that sampled it.
 """
@@ -17,7 +17,8 @@ import os
 import ray
 import torch
 
-from sdpo.rollout.base import Completion, make_engine
+from sdpo.rollout import make_engine
+from sdpo.rollout.base import Completion, Sampling
 
 
 class _RolloutWorker:
@@ -40,26 +41,8 @@ class _RolloutWorker:
         )
         self._version = 0  # the weights at model_path
 
-    def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        stop_token_ids: list[int],
-        seed: int,
-    ) -> list[list[Completion]]:
-        groups = self._engine.generate(
-            prompts,
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            stop_token_ids=stop_token_ids,
-            seed=seed,
-        )
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+        groups = self._engine.generate(prompts, sampling)
         for group in groups:
             for c in group:
                 c.policy_version = self._version

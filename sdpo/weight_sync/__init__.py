@@ -3,7 +3,7 @@ transports (chosen by `rollout.weight_sync`, see `resolve_weight_sync`).
 
 | transport | placement | bytes move | module |
 | --- | --- | --- | --- |
-| `shm` | CPU, or any single node | learner rank 0 writes one safetensors file to /dev/shm; every replica reloads it | `sdpo/rollout/weights.py` |
+| `shm` | CPU, or any single node | learner rank 0 writes one safetensors file to /dev/shm; every replica reloads it | `sdpo/weight_sync/files.py` |
 | `nccl` | disaggregated GPUs | learner rank 0 broadcasts buckets over a group with every engine worker | `broadcast.py` |
 | `cuda_ipc` | colocated GPUs | each learner rank packs buckets on its GPU; the engine on that GPU maps them by CUDA IPC handle | `handles.py` |
 

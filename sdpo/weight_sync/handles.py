@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-from sdpo.rollout.transports.buckets import TensorMeta, iter_buckets, pack, unpack
+from sdpo.weight_sync.buckets import TensorMeta, iter_buckets, pack, unpack
 
 BUFFERS = 2  # bucket k+1 is packed while the engines still read bucket k
 

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from sdpo.rollout.transports.buckets import TensorMeta, bucket_nbytes, iter_buckets, pack, unpack
+from sdpo.weight_sync.buckets import TensorMeta, bucket_nbytes, iter_buckets, pack, unpack
 
 SENDER_RANK = 0
 
