@@ -68,6 +68,9 @@ class LearnerGroup:
     def push_weights(self, transport: str, version: int, bucket_bytes: int, receivers_by_rank: list | None = None) -> dict[str, float]:
         return _get_all(self._timeout, [w.push_weights.remote(transport, version, bucket_bytes, receivers_by_rank) for w in self.workers])[0]
 
+    def release_memory(self) -> None:
+        _get_all(self._timeout, [w.release_memory.remote() for w in self.workers])
+
     def save_checkpoint(self, directory: str) -> None:
         _get_all(self._timeout, [w.save_checkpoint.remote(directory) for w in self.workers])
 

@@ -12,10 +12,15 @@ from transformers import AutoModelForCausalLM
 from sdpo.learner.packing import PACKED_SDPA, pack
 
 
-def pick_attention(requested: str, device: str, packed: bool = False) -> str:
+def pick_attention(requested: str, device: str, packed: bool = False, mixed_precision: str = "no") -> str:
+    """auto: flash-attn on CUDA when it imports and the learner computes in bf16 (flash-attn takes
+    fp16/bf16 only; under learner.mixed_precision=no the forward is fp32), else SDPA."""
+    if requested == "flash_attention_2" and mixed_precision != "bf16":
+        raise ValueError("model.attn_implementation=flash_attention_2 needs learner.mixed_precision=bf16: flash-attn "
+                         "rejects fp32 inputs")
     if requested != "auto":
         return requested
-    if device == "cuda":
+    if device == "cuda" and mixed_precision == "bf16":
         try:
             import flash_attn  # noqa: F401
 
@@ -142,4 +147,17 @@ def lm_head_weight(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     resharded (teacher) weight is gathered here from its fp32 shards and cast as the model's own
     forward would have."""
     weight = model.get_output_embeddings().weight
-    return (weight.full_tensor() if isinstance(weight, DTensor) else weight).to(dtype)
+    return full_weight(weight).to(dtype)
+
+
+def full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a (possibly sharded) parameter. `full_tensor()` runs its all-gather
+    on the mesh's device type: a CPU-offloaded shard (teacher_offload) under an NCCL-only process
+    group must be on that device first, as torch's own state-dict gathering does
+    (torch/distributed/_state_dict_utils.py, _iterate_state_dict: value.to(device_mesh.device_type))."""
+    if not isinstance(weight, DTensor):
+        return weight
+    mesh_device = weight.device_mesh.device_type
+    if weight.device.type != mesh_device:
+        weight = weight.to(mesh_device)
+    return weight.full_tensor()

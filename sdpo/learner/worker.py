@@ -23,6 +23,7 @@ from sdpo.learner.model import (checkpoint_layers, lm_head_weight, load_causal_l
                                 response_logits, shard)
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
+from sdpo.placement import rollout_torch_dtype
 from sdpo.weight_sync.broadcast import join_weight_group
 from sdpo.weight_sync.learner_side import iter_full_tensors, push_weights
 from sdpo.weight_sync.files import savable, write_weights
@@ -54,7 +55,8 @@ class LearnerWorker:
 
         learner = self.cfg.learner
         self.packed = learner.max_tokens_per_micro_batch is not None
-        attention = pick_attention(self.cfg.model.attn_implementation, self.cfg.device, packed=self.packed)
+        attention = pick_attention(self.cfg.model.attn_implementation, self.cfg.device, packed=self.packed,
+                                   mixed_precision=learner.mixed_precision)
         student = load_causal_lm(self.model_path, attention)
         self.teacher = self._make_teacher(student, attention, mesh)
         if learner.activation_checkpointing:
@@ -188,7 +190,8 @@ class LearnerWorker:
             raise ValueError(f"teacher.kind={self.cfg.teacher.kind!r} with loss.objective={self.cfg.loss.objective!r} keeps no separate teacher weights")
         model = self.teacher if teacher else self.student
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        path = write_weights(state, directory, version) if self.rank == 0 else None
+        # in the engines' dtype: a bf16 engine needs half the bytes of the fp32 master weights
+        path = write_weights(state, directory, version, dtype=rollout_torch_dtype(self.cfg)) if self.rank == 0 else None
         dist.barrier()
         return path
 
@@ -200,10 +203,16 @@ class LearnerWorker:
     def push_weights(self, transport: str, version: int, bucket_bytes: int, receivers_by_rank: list | None) -> dict[str, float]:
         """Stream the student's full weights to the engines in buckets (nccl / cuda_ipc). Every rank
         calls it: gathering each FSDP2 shard is a collective."""
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.rollout.dtype]
+        dtype = rollout_torch_dtype(self.cfg)
         return push_weights(iter_full_tensors(self.student), transport=transport, rank=self.rank, version=version,
                             bucket_bytes=bucket_bytes, device=self.device, group=getattr(self, "_weight_group", None),
                             receivers=receivers_by_rank[self.rank] if receivers_by_rank else None, dtype=dtype)
+
+    def release_memory(self) -> None:
+        """Give the blocks this rank's CUDA caching allocator holds back to the driver, for a
+        colocated engine about to (re)allocate its weights and KV cache on the same GPU."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def save_checkpoint(self, directory: str) -> None:
         """Sharded student, optimizer and teacher through torch.distributed.checkpoint (each rank

@@ -17,18 +17,12 @@ def vllm_available() -> bool:
     return True
 
 
-def make_engine(
-    kind: str,
-    model_path: str,
-    *,
-    dtype: str = "float32",
-    kv_cache_gib: float = 1.0,
-    seed: int = 0,
-    max_model_len: int = 2048,
-    enable_sleep_mode: bool = False,
-) -> RolloutEngine:
+def make_engine(kind: str, model_path: str, *, dtype: str = "float32", seed: int = 0, max_model_len: int = 2048,
+                **options) -> RolloutEngine:
     """Build a rollout engine. kind: "vllm", "hf", or "auto" (vLLM if it imports, else HF).
-    enable_sleep_mode: vLLM on CUDA only (colocated placement); ignored elsewhere."""
+    `options`: the vLLM engine's device settings (kv_cache_gib, gpu_memory_utilization,
+    enforce_eager, chunked_prefill, enable_sleep_mode, weight_sync_timeout_s; see VLLMEngine and
+    sdpo/placement.py); the HF engine takes none of them but weight_sync_timeout_s."""
     if kind not in ENGINE_KINDS:
         raise ValueError(f"rollout engine kind must be one of {ENGINE_KINDS}, got {kind!r}")
     if kind == "auto":
@@ -36,10 +30,8 @@ def make_engine(
     if kind == "vllm":
         from sdpo.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(
-            model_path, dtype=dtype, kv_cache_gib=kv_cache_gib, seed=seed, max_model_len=max_model_len,
-            enable_sleep_mode=enable_sleep_mode,
-        )
+        return VLLMEngine(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, **options)
     from sdpo.rollout.hf_engine import HFEngine
 
-    return HFEngine(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len)
+    return HFEngine(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
+                    weight_sync_timeout_s=options.get("weight_sync_timeout_s", 600.0))

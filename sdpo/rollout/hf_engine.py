@@ -53,6 +53,7 @@ class HFEngine(RolloutEngine):
         max_model_len: int = 2048,
         device: str | None = None,
         score_tokens_per_batch: int = 16384,
+        weight_sync_timeout_s: float = 600.0,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -62,6 +63,7 @@ class HFEngine(RolloutEngine):
         self.seed = seed
         self.max_model_len = max_model_len
         self.score_tokens_per_batch = score_tokens_per_batch
+        self.weight_sync_timeout_s = weight_sync_timeout_s
 
     @torch.no_grad()
     def generate(self, prompts, sampling: Sampling):
@@ -170,7 +172,8 @@ class HFEngine(RolloutEngine):
     def join_weight_group(self, backend, master_addr, master_port, rank_offset, world_size) -> None:
         from sdpo.weight_sync.broadcast import join_weight_group
 
-        self._group = join_weight_group(backend, master_addr, master_port, rank_offset, world_size, device=self.device)
+        self._group = join_weight_group(backend, master_addr, master_port, rank_offset, world_size, device=self.device,
+                                        timeout_s=self.weight_sync_timeout_s)
 
     def receive_weights(self) -> None:
         from sdpo.weight_sync.broadcast import receive_weights

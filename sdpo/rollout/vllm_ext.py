@@ -52,11 +52,12 @@ class WeightReloadExtension:
 
     # ---- (b) broadcast from learner rank 0 (NCCL on GPUs, gloo on CPU) -------------------------
     def sdpo_join_weight_group(self, backend: str, master_addr: str, master_port: int, rank_offset: int,
-                               world_size: int) -> None:
+                               world_size: int, timeout_s: float = 600.0) -> None:
         from sdpo.weight_sync.broadcast import join_weight_group
 
+        # a new group (a restarted learner's rank 0) replaces the old one, whose sender is gone
         self._sdpo_group = join_weight_group(backend, master_addr, master_port, rank_offset + self.rank, world_size,
-                                             device=self.device)
+                                             device=self.device, timeout_s=timeout_s)
 
     def sdpo_receive_weights(self) -> None:
         from sdpo.weight_sync.broadcast import receive_weights

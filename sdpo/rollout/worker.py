@@ -22,23 +22,14 @@ from sdpo.rollout.base import Completion, Sampling
 
 
 class _RolloutWorker:
-    def __init__(
-        self,
-        kind: str,
-        model_path: str,
-        dtype: str = "float32",
-        kv_cache_gib: float = 1.0,
-        seed: int = 0,
-        torch_threads: int = 1,
-        max_model_len: int = 2048,
-        enable_sleep_mode: bool = False,
-    ):
+    def __init__(self, kind: str, model_path: str, dtype: str = "float32", kv_cache_gib: float | None = None,
+                 seed: int = 0, torch_threads: int = 1, **engine_options):
+        """engine_options: see make_engine (max_model_len and the vLLM device settings)."""
         # before the engine exists: in-process vLLM-CPU uses this process's torch threads
         torch.set_num_threads(torch_threads)
-        self._engine = make_engine(
-            kind, model_path, dtype=dtype, kv_cache_gib=kv_cache_gib, seed=seed, max_model_len=max_model_len,
-            enable_sleep_mode=enable_sleep_mode,
-        )
+        if kv_cache_gib is not None:
+            engine_options["kv_cache_gib"] = kv_cache_gib
+        self._engine = make_engine(kind, model_path, dtype=dtype, seed=seed, **engine_options)
         self._version = 0  # the weights at model_path
 
     def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
@@ -53,6 +44,12 @@ class _RolloutWorker:
 
     # -- weight sync: (a) a file; (c) buckets by handle; (b) a broadcast group -------------------
     def load_weights(self, path: str, version: int) -> None:
+        if not os.path.exists(path):
+            # the shm transport's file lives in learner rank 0's /dev/shm, which is per machine
+            raise FileNotFoundError(
+                f"weights file {path} is not visible on this replica's node ({ray.util.get_node_ip_address()}): "
+                "rollout.weight_sync=shm needs every rollout replica on learner rank 0's node; on a cluster of "
+                "several nodes use rollout.weight_sync=nccl (NCCL on GPUs, gloo on CPU)")
         self._engine.load_weights(path)
         self._version = version
 
@@ -81,6 +78,10 @@ class _RolloutWorker:
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         self._engine.wake_up(tags)
+
+    def node_id(self) -> str:
+        """The Ray node this replica runs on (the shm transport needs learner rank 0's)."""
+        return ray.get_runtime_context().get_node_id()
 
     def version(self) -> int:
         """The policy version of the current weights (0 = as loaded from model_path)."""
