@@ -155,7 +155,7 @@ def full_weight(weight: torch.Tensor) -> torch.Tensor:
     on the mesh's device type: a CPU-offloaded shard (teacher_offload) under an NCCL-only process
     group must be on that device first, as torch's own state-dict gathering does
     (torch/distributed/_state_dict_utils.py, _iterate_state_dict: value.to(device_mesh.device_type))."""
-    if not isinstance(weight, DTensor):
+    if not hasattr(weight, "full_tensor"):  # a DTensor (duck-typed: anything that gathers)
         return weight
     mesh_device = weight.device_mesh.device_type
     if weight.device.type != mesh_device:
