@@ -3,7 +3,6 @@ the optimizer and the EMA teacher. It sees token ids and a loss configuration, n
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import socket
@@ -19,8 +18,7 @@ from torch.distributed.tensor import DTensor
 
 from sdpo.batch import TrainSample
 from sdpo.config import Config
-from sdpo.learner.model import (checkpoint_layers, lm_head_weight, load_causal_lm, pick_attention, response_hidden,
-                                response_logits, shard)
+from sdpo.learner.model import lm_head_weight, load_sharded, pick_attention, response_hidden, response_logits
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.placement import rollout_torch_dtype
@@ -57,34 +55,30 @@ class LearnerWorker:
         self.packed = learner.max_tokens_per_micro_batch is not None
         attention = pick_attention(self.cfg.model.attn_implementation, self.cfg.device, packed=self.packed,
                                    mixed_precision=learner.mixed_precision)
-        student = load_causal_lm(self.model_path, attention)
-        self.teacher = self._make_teacher(student, attention, mesh)
-        if learner.activation_checkpointing:
-            checkpoint_layers(student)  # after the teacher's copy: the teacher never runs backward
-        self.student = shard(student.to(self.device), mesh, learner.mixed_precision)
+        # sharded from the start (meta device, then each rank's rows from safetensors): no rank holds a full copy
+        self.student = load_sharded(self.model_path, attention, mesh, learner.mixed_precision, self.device,
+                                    checkpointing=learner.activation_checkpointing)
+        self.teacher = self._make_teacher(attention, mesh)
         opt = self.cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
         warmup = max(1, opt.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return sum(p.numel() for p in self.student.parameters())
 
-    def _make_teacher(self, student: torch.nn.Module, attention: str, mesh) -> torch.nn.Module | None:
+    def _make_teacher(self, attention: str, mesh) -> torch.nn.Module | None:
         """A separate teacher model, sharded exactly like the student so that an EMA update is a
         local lerp on each rank's shard (no gathering). None when the teacher is the live policy
-        or the objective needs no teacher."""
+        or the objective needs no teacher. Loaded from the checkpoint like the student (no copy of it)."""
         kind = self.cfg.teacher.kind
         if self.cfg.loss.objective == "grpo" or kind == "live":
             return None
-        if kind == "checkpoint":
-            teacher = load_causal_lm(self.cfg.teacher.path, attention)
-            if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
-                raise ValueError(f"teacher.path={self.cfg.teacher.path!r}: its vocabulary differs from the student's")
-        else:  # ema, frozen, trust_region: all start from the initial checkpoint
-            teacher = copy.deepcopy(student)
-        teacher.requires_grad_(False)
-        offload = self.cfg.learner.teacher_offload
-        teacher = teacher if offload else teacher.to(self.device)
-        return shard(teacher, mesh, self.cfg.learner.mixed_precision, no_grad=True, offload=offload).eval()
+        # ema, frozen, trust_region: all start from the initial checkpoint
+        path = self.cfg.teacher.path if kind == "checkpoint" else self.model_path
+        teacher = load_sharded(path, attention, mesh, self.cfg.learner.mixed_precision, self.device, no_grad=True,
+                               offload=self.cfg.learner.teacher_offload)
+        if teacher.get_output_embeddings().weight.shape[0] != self.student.get_output_embeddings().weight.shape[0]:
+            raise ValueError(f"teacher.path={self.cfg.teacher.path!r}: its vocabulary differs from the student's")
+        return teacher.eval()
 
     def _scores(self, model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]]) -> Scores:
         chunk = self.cfg.loss.chunk_tokens

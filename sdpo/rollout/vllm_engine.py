@@ -173,7 +173,8 @@ class VLLMEngine(RolloutEngine):
     # vLLM's documented order around a load into a sleeping engine: wake_up(tags=["weights"]), load,
     # wake_up(tags=["kv_cache"]), then reset_prefix_cache (cached blocks hold the old weights' keys).
     # Every load path below keeps it, whoever calls (a sync, a restore, a replacement), so that no
-    # load ever lands in freed memory.
+    # load ever lands in freed memory. vLLM 0.32 resumes scheduling only once both tags are resident
+    # again (vllm/v1/engine/core.py, EngineCore.wake_up).
     def load_weights(self, path: str) -> None:
         self._wake_weights()
         self.llm.collective_rpc("sdpo_reload_weights", args=(path,))
