@@ -23,12 +23,14 @@ def prompts_for(tokenizer, count: int) -> list[list[int]]:
 
 
 def tokens_per_s(engine, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
-    kwargs = dict(n=1, temperature=1.0, top_p=1.0, max_new_tokens=new_tokens, stop_token_ids=[])
-    engine.generate(prompts[:2], seed=0, **kwargs)  # warm-up: allocations, lazy compilation
+    from sdpo.rollout.base import Sampling
+
+    sampling = Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=new_tokens, stop_token_ids=(), seed=0)
+    engine.generate(prompts[:2], sampling)  # warm-up: allocations, lazy compilation
     best = 0.0
     for r in range(repeats):
         started = time.perf_counter()
-        groups = engine.generate(prompts, seed=r + 1, **kwargs)
+        groups = engine.generate(prompts, sampling.with_seed(r + 1))
         elapsed = time.perf_counter() - started
         best = max(best, sum(len(c.token_ids) for g in groups for c in g) / elapsed)
     return best
@@ -47,7 +49,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from models.tiny_arithmetic import ensure_tiny_model
     from sdpo.models import load_tokenizer
-    from sdpo.rollout.base import make_engine
+    from sdpo.rollout import make_engine
 
     model = args.model or ensure_tiny_model(log=lambda _: None)
     prompts = prompts_for(load_tokenizer(model), max(args.batches))

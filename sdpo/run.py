@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sdpo.cluster import check_fits_locally, describe_placement, placement
 from sdpo.config import Config, EnvironmentConfig
+from sdpo.placement import check_placement, describe as describe_engines, model_max_positions
 from sdpo.recipe import RecipeError, load_config, to_yaml
 
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, args.overrides)
         check_fits_locally(cfg)
+        check_placement(cfg)  # GPU layouts that cannot work; derived engine settings that cannot hold
+        engines = describe_engines(cfg, model_max_positions(cfg.model.path))
         if not args.dry_run:  # a dry run stays offline-safe: it may describe a cluster recipe on a laptop
             environment = preflight(cfg)
     except (RecipeError, ValueError) as err:
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(to_yaml(cfg))
         print(describe_placement(cfg))
+        print(engines)
         return 0
     from sdpo.checkpoint import CheckpointError
     from sdpo.trainer import Interrupted, train

@@ -35,9 +35,9 @@ from sdpo.metrics import PhaseTimer, RunLogger
 from sdpo.models import load_tokenizer, resolve_model_path, stop_token_ids
 from sdpo.probe import probe_teacher
 from sdpo.recipe import to_yaml
-from sdpo.rollout.base import Completion
+from sdpo.rollout.base import Completion, Sampling
 from sdpo.rollout.pool import RolloutPool
-from sdpo.rollout.weights import default_weights_dir
+from sdpo.weight_sync.files import default_weights_dir
 
 # What a learner call raises when a rank is gone (or failed on its own: restart_learners tells them apart).
 LEARNER_FAILURES = (ray.exceptions.RayActorError, ray.exceptions.RayTaskError, LearnerTimeout)
@@ -154,9 +154,9 @@ class Run:
         timer, cfg = timer or PhaseTimer(), self.cfg
         with timer("generate"):
             prompt_ids = prompt_ids or [chat_ids(self.tokenizer, t.messages) for t in tasks]
-            groups = self.rollout.generate(prompt_ids, n=n, temperature=temperature, top_p=cfg.rollout.top_p,
-                                           max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=self.stops,
-                                           seed=seed)
+            groups = self.rollout.generate(prompt_ids, Sampling(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
+                                                                max_new_tokens=cfg.rollout.max_response_tokens,
+                                                                stop_token_ids=self.stops, seed=seed))
         with timer("verify"):
             texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
             verdicts = self.envs.verify([t for t in tasks for _ in range(n)], texts, group_size=n)
@@ -307,7 +307,7 @@ def _interrupt(signum, frame) -> None:
 def remove_orphaned_weight_dirs(weights_dir: str) -> None:
     """A run killed outright (SIGKILL, the OOM killer) cannot clean up after itself: the next run of
     the same name (its resume) removes the weight directories whose process is gone. The process id
-    ends each name (rollout.weights.default_weights_dir)."""
+    ends each name (weight_sync.files.default_weights_dir)."""
     prefix = weights_dir.rpartition("-")[0] + "-"
     for path in glob.glob(glob.escape(prefix) + "*"):
         pid = path[len(prefix):].removesuffix("-teacher")

@@ -53,7 +53,7 @@ def engine_model_config():
 
     return Qwen2Config(vocab_size=128, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                        num_key_value_heads=4, head_dim=32, intermediate_size=256, tie_word_embeddings=False,
-                       max_position_embeddings=2048,
+                       max_position_embeddings=4096,  # room for the > 2048-token response test
                        initializer_range=0.1)  # peakier than the default 0.02 (near-uniform) distribution
 
 

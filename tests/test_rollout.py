@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from sdpo.rollout.base import Completion, make_engine, vllm_available
-from sdpo.rollout.weights import write_weights
+from sdpo.rollout import make_engine, vllm_available
+from sdpo.rollout.base import Completion, Sampling
+from sdpo.weight_sync.files import write_weights
 from sdpo.rollout.worker import RolloutWorker
 
 TOL = 1e-4  # max abs log-prob difference from the fp32 reference
@@ -96,7 +97,7 @@ def max_diff(a, b) -> float:
 def sample(engine_or_call, **overrides):
     kwargs = dict(n=4, temperature=1.0, top_p=1.0, max_new_tokens=24, stop_token_ids=STOP, seed=7)
     kwargs.update(overrides)
-    return engine_or_call(PROMPTS, **kwargs)
+    return engine_or_call(PROMPTS, Sampling(**kwargs))
 
 
 @pytest.mark.integration
@@ -196,7 +197,7 @@ def test_rollout_worker_actor(local_ray, kind, engine_model_dir, tmp_path):
     try:
         assert ray.get(worker.engine_kind.remote()) == kind
         assert ray.get(worker.version.remote()) == 0
-        groups = ray.get(sample(lambda prompts, **kw: worker.generate.remote(prompts, **kw)))
+        groups = ray.get(sample(worker.generate.remote))
         assert [len(g) for g in groups] == [4] * len(PROMPTS)
         assert all(isinstance(c, Completion) for g in groups for c in g)
 

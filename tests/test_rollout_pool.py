@@ -2,10 +2,17 @@
 policy-version stamps, bucketed weight sync (the protocols of the GPU transports, with gloo and
 shared-memory files standing in for NCCL and CUDA IPC), and a dead replica replaced mid-call.
 
-One pool of two vLLM-CPU replicas serves the whole module (each start-up costs ~10 s)."""
+The engines run vLLM's engine core out of process (VLLM_ENABLE_V1_MULTIPROCESSING=1), as vLLM does
+on GPUs: every collective_rpc argument of every transport is msgpack-encoded on its way to the
+worker, so a handle that only pickles would fail here as it would on a GPU.
+
+One pool of two vLLM-CPU replicas serves the whole module (each start-up costs ~10-20 s)."""
 
 from __future__ import annotations
 
+import socket
+
+import psutil
 import pytest
 import ray
 import torch
@@ -13,13 +20,14 @@ from transformers import AutoModelForCausalLM
 
 from conftest import free_ports
 from sdpo.config import Config
-from sdpo.rollout.base import vllm_available
+from sdpo.rollout import vllm_available
+from sdpo.rollout.base import Sampling
 from sdpo.rollout.pool import RolloutPool, balance
-from sdpo.rollout.transports.broadcast import join_weight_group, send_weights
-from sdpo.rollout.transports.buckets import iter_buckets, meta_of, pack, plan_buckets, unpack
-from sdpo.rollout.transports.handles import send_weights_by_handle
-from sdpo.rollout.transports.learner_side import iter_full_tensors
-from sdpo.rollout.weights import write_weights
+from sdpo.weight_sync.broadcast import join_weight_group, send_weights
+from sdpo.weight_sync.buckets import iter_buckets, pack, plan_buckets, meta_of, unpack
+from sdpo.weight_sync.handles import send_weights_by_handle
+from sdpo.weight_sync.learner_side import iter_full_tensors
+from sdpo.weight_sync.files import write_weights
 
 TOL = 1e-4
 STOP = list(range(100, 128))
@@ -71,24 +79,30 @@ def reference_logprobs(model, prompt, response) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(local_ray):
-    torch.set_num_threads(1)  # tiny models gain nothing from 2 threads on a busy 2-core machine
+def ray_cluster():
+    torch.set_num_threads(1)
+    # Out of process, as on GPUs (vllm_engine.py keeps an explicit setting)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}})
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def pool(ray_cluster, engine_model_dir):
     cfg = Config(seed=0, rollout=dict(engine="vllm", replicas=2, kv_cache_gib=0.25, dtype="float32",
-                                      num_cpus_per_replica=0.5, torch_threads_per_replica=1, max_replica_restarts=1))
+                                      num_cpus_per_replica=0.5, torch_threads_per_replica=1, max_replica_restarts=1,
+                                      weight_sync="nccl", weight_sync_timeout_s=15))
     pool = RolloutPool(cfg, engine_model_dir)
     yield pool
     pool.shutdown()
 
 
 def greedy(pool_or_worker, prompts=PROMPTS):
-    kwargs = dict(n=1, temperature=0.0, top_p=1.0, max_new_tokens=12, stop_token_ids=STOP, seed=3)
+    sampling = Sampling(n=1, temperature=0.0, top_p=1.0, max_new_tokens=12, stop_token_ids=STOP, seed=3)
     if isinstance(pool_or_worker, RolloutPool):
-        return pool_or_worker.generate(prompts, **kwargs)
-    return ray.get(pool_or_worker.generate.remote(prompts, **kwargs))
+        return pool_or_worker.generate(prompts, sampling)
+    return ray.get(pool_or_worker.generate.remote(prompts, sampling))
 
 
 def assert_engine_has(pool: RolloutPool, model: torch.nn.Module) -> None:
@@ -151,6 +165,121 @@ def test_broadcast_sync_through_vllm(pool, engine_model_dir):
     ray.get(receiving)
     assert stats["buckets"] > 3 and pool.versions() == [31, 31]
     assert_engine_has(pool, new)
+
+
+@pytest.mark.integration
+@needs_vllm
+def test_engines_run_out_of_process(pool):
+    """So every RPC argument above really went through vLLM's msgpack encoder."""
+    for w in pool.workers:
+        children = psutil.Process(ray.get(w.pid.remote())).children(recursive=True)
+        assert children, "the vLLM engine core runs inside the actor: RPC arguments are not serialized"
+
+
+@pytest.mark.integration
+@needs_vllm
+def test_a_response_longer_than_2048_tokens_when_asked(ray_cluster, engine_model_dir):
+    """max_model_len is derived from the prompt budget and max_response_tokens and reaches the
+    engine (vLLM's own default would have cut this response at 2048 minus the prompt)."""
+    cfg = Config(rollout=dict(engine="vllm", replicas=1, kv_cache_gib=0.25, dtype="float32", num_cpus_per_replica=0.5,
+                              torch_threads_per_replica=1, max_prompt_tokens=64, max_response_tokens=2100))
+    long_pool = RolloutPool(cfg, engine_model_dir)
+    try:
+        assert long_pool.settings.max_model_len == 64 + 2100
+        groups = long_pool.generate([PROMPTS[1]], Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=2100,
+                                                           stop_token_ids=(), seed=1))
+        completion = groups[0][0]
+        assert len(completion.token_ids) == 2100 and completion.finish_reason == "length"
+        with pytest.raises(ValueError, match="rollout.max_prompt_tokens"):
+            long_pool.generate([[1] * 100], Sampling(1, 1.0, 1.0, 2100, (), 1))
+    finally:
+        long_pool.shutdown()
+
+
+@pytest.mark.integration
+@needs_vllm
+def test_broadcast_receive_has_a_deadline(pool):
+    """Replicas joined to a weight group whose sender never sends give up after
+    rollout.weight_sync_timeout_s instead of hanging (as after a learner rank 0 died mid-transfer)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    world, joining = pool.join_weight_group("gloo", "127.0.0.1", port)
+    sender = join_weight_group("gloo", "127.0.0.1", port, rank=0, world_size=world)
+    ray.get(joining)
+    receiving = [w.receive_weights.remote(81) for w in pool.workers]
+    with pytest.raises(ray.exceptions.RayTaskError, match="weight_sync_timeout_s=15"):
+        ray.get(receiving, timeout=120)
+    del sender
+    assert pool.versions() != [81, 81]
+
+
+@pytest.mark.integration
+@needs_vllm
+def test_broadcast_group_is_rebuilt_for_a_restarted_learner_group(pool, engine_model_dir, tmp_path):
+    """The nccl transport's protocol over gloo with real FSDP2 learners: learner rank 0 (the sender)
+    dies, a new learner group starts, and the next sync reaches the engines from the new rank 0."""
+    from sdpo.learner.group import LearnerGroup
+
+    cfg = Config(rollout=dict(weight_sync="nccl"), teacher=dict(kind="live"),
+                 learner=dict(world_size=2, num_cpus_per_rank=0.25, torch_threads_per_rank=1))
+    assert pool.transport == "nccl"
+    first = LearnerGroup(cfg, engine_model_dir)
+    try:
+        pool.sync_weights(first, 71, str(tmp_path))
+        assert pool.versions() == [71, 71]
+        assert_engine_has(pool, AutoModelForCausalLM.from_pretrained(engine_model_dir, dtype=torch.float32).eval())
+    finally:
+        ray.kill(first.workers[0])  # the sender's process is gone
+        first.shutdown(timeout_s=5)
+    moved = perturbed(engine_model_dir, seed=7)
+    moved_dir = tmp_path / "moved"
+    moved.save_pretrained(moved_dir)
+    second = LearnerGroup(cfg, str(moved_dir))
+    try:
+        pool.sync_weights(second, 72, str(tmp_path))
+        assert pool.versions() == [72, 72]
+        assert_engine_has(pool, moved)
+    finally:
+        second.shutdown()
+
+
+class Recorder:
+    """Stands in for a Ray actor handle (or the learner group): each call is logged in order."""
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def __getattr__(self, method):
+        def call(*args, **kwargs):
+            self.log.append((self.name, method))
+            return ray.put(None)
+
+        call.remote = call
+        return call
+
+
+@pytest.mark.integration
+def test_colocated_pool_returns_learner_memory_before_engines_allocate(ray_cluster, monkeypatch):
+    """Colocated GPUs (protocol only): the learners empty their CUDA caches before the engines
+    wake for a sync, and before a dead replica's replacement starts (vLLM's start-up check wants
+    gpu_memory_utilization x total memory free)."""
+    cfg = Config(device="cuda", rollout=dict(placement="colocated", num_gpus_per_replica=0.5, replicas=1),
+                 learner=dict(world_size=1, num_gpus_per_rank=0.5, mixed_precision="bf16"))
+    log: list = []
+    pool = RolloutPool.__new__(RolloutPool)
+    pool.cfg, pool.transport, pool.shares_gpu, pool.bucket_bytes = cfg, "cuda_ipc", True, 1 << 20
+    pool.workers, pool.version, pool.restarts, pool._export = [Recorder("replica0", log)], 0, 0, None
+    pool._last_weights, pool._group_learners = None, None
+    learners = Recorder("learners", log)
+    learners.world_size = 1
+    pool.sync_weights(learners, 1, "/dev/shm/unused")
+    assert log == [("learners", "release_memory"), ("learners", "push_weights")]
+    del log[:]
+    monkeypatch.setattr(pool, "_start", lambda index: log.append(("pool", "start replica")) or Recorder("replica0'", log))
+    monkeypatch.setattr(ray, "kill", lambda *a, **k: log.append(("ray", "kill")))
+    pool._replace(0, RuntimeError("died"))
+    assert log[:3] == [("ray", "kill"), ("learners", "release_memory"), ("pool", "start replica")]
 
 
 @pytest.mark.integration

@@ -3,8 +3,8 @@ HF rollout engine on the same GPU, against the shared-memory file hand-off in th
 
 Two processes share one GPU, as a colocated learner rank and rollout replica do: this one is the
 learner (random-init model of Qwen2-0.5B's shape, AdamW, bf16 autocast); a spawned child runs
-`HFEngine`. The hand-off is the code the framework uses (`transports.buckets.pack`,
-`transports.handles.export_bucket` / the engine's `load_weight_bucket`); only Ray is replaced by a
+`HFEngine`. The hand-off is the code the framework uses (`weight_sync.buckets.pack`,
+`weight_sync.handles.export_bucket` / the engine's `load_weight_bucket`); only Ray is replaced by a
 pipe, since the GPU machine has no Ray. After each hand-off the engine's log-probs are checked
 against the learner's own: a transfer that lands wrong weights fails the run.
 
@@ -120,8 +120,8 @@ def named_weights(model, dtype: torch.dtype):
 def handoff_by_handle(model, engine: EngineClient, bucket_bytes: int, dtype: torch.dtype, device: torch.device) -> dict:
     """begin; per bucket: pack into a reused GPU buffer, export its handle, the engine copies out;
     finish. One round trip per bucket (the framework's send_weights_by_handle over Ray overlaps two)."""
-    from sdpo.rollout.transports.buckets import iter_buckets, pack
-    from sdpo.rollout.transports.handles import export_bucket, release_bucket
+    from sdpo.weight_sync.buckets import iter_buckets, pack
+    from sdpo.weight_sync.handles import export_bucket, release_bucket
 
     sync(device)
     started = time.perf_counter()
@@ -141,7 +141,7 @@ def handoff_by_handle(model, engine: EngineClient, bucket_bytes: int, dtype: tor
 
 def handoff_by_file(model, engine: EngineClient, directory: str, dtype: torch.dtype, device: torch.device) -> dict:
     """The shm transport for comparison: one safetensors file in /dev/shm, the engine reloads it."""
-    from sdpo.rollout.weights import write_weights
+    from sdpo.weight_sync.files import write_weights
 
     sync(device)
     started = time.perf_counter()
@@ -188,6 +188,15 @@ def main() -> None:
     from transformers import Qwen2ForCausalLM
 
     config = make_config(args.tiny)
+    out = args.out or os.path.join(os.environ.get("OUT") or "benchmarks/gpu/results",
+                                   f"colocated_ipc_{'tiny_' if args.tiny else ''}{args.device}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+
+    def save() -> None:  # after every measurement: a timeout later keeps what was measured
+        with open(out + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(out + ".tmp", out)
+
     results: dict = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                      "torch": torch.__version__, "model": "tiny" if args.tiny else "Qwen2-0.5B shape (random init)"}
     torch.manual_seed(0)
@@ -212,6 +221,7 @@ def main() -> None:
     results["learner_step"] = {"batch": args.batch, "seq": args.seq, "median_s": step_s, "tokens_per_s": tokens / step_s,
                                "tflops_per_s_6N": flops / step_s / 1e12,
                                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    save()
     print(f"learner step: {step_s * 1e3:.1f} ms median of {args.steps} ({tokens / step_s:,.0f} tok/s, "
           f"~{flops / step_s / 1e12:.0f} TFLOP/s by 6N)", flush=True)
     del batch
@@ -232,13 +242,14 @@ def main() -> None:
         try:
             # the learner trained, so the engine is stale until a hand-off lands
             results["logprob_gap_before_sync"] = logprob_gap(model, engine, device, config.vocab_size)
-            handoffs = {}
+            handoffs = results["handoff"] = {}
             for mib in args.bucket_mib:
                 runs = [handoff_by_handle(model, engine, mib * 2**20, engine_dtype, device) for _ in range(args.repeats)]
                 gap = logprob_gap(model, engine, device, config.vocab_size)
                 handoffs[f"ipc_bucket_{mib}mib"] = {"median_s": statistics.median(r["seconds"] for r in runs),
                                                     "buckets": runs[0]["buckets"], "bytes": runs[0]["bytes"],
                                                     "logprob_gap_after": gap}
+                save()
                 print(f"hand-off by handle, {mib} MiB buckets: {handoffs[f'ipc_bucket_{mib}mib']['median_s'] * 1e3:.1f} ms "
                       f"({runs[0]['buckets']} buckets, {runs[0]['bytes'] / 2**20:.0f} MiB); log-prob gap after {gap:.2e}", flush=True)
             runs = [handoff_by_file(model, engine, shm, engine_dtype, device) for _ in range(args.repeats)]
@@ -247,7 +258,7 @@ def main() -> None:
             print(f"hand-off by /dev/shm file: {handoffs['shm_file']['median_s'] * 1e3:.1f} ms", flush=True)
             best = min(v["median_s"] for k, v in handoffs.items() if k.startswith("ipc"))
             handoffs["shm_over_best_ipc"] = handoffs["shm_file"]["median_s"] / best
-            results["handoff"] = handoffs
+            save()
         finally:
             engine.close()
             shutil.rmtree(model_dir, ignore_errors=True)
@@ -257,11 +268,7 @@ def main() -> None:
     # weights (the gap before the first sync) must be far above it
     tol = 1e-4 if device.type == "cpu" else min(0.05, 0.1 * results["logprob_gap_before_sync"])
     results["handoff_correct"] = worst_gap < tol
-    out = args.out or os.path.join(os.environ.get("OUT") or "benchmarks/gpu/results",
-                                   f"colocated_ipc_{'tiny_' if args.tiny else ''}{args.device}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=2)
+    save()
     print(json.dumps(results))
     print(f"wrote {out}")
     if not results["handoff_correct"]:

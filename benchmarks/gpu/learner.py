@@ -65,6 +65,8 @@ def main() -> None:
         print(f"NOTE: trl does not import in {a.trl_python}: measuring ours only")
     bf16 = a.device == "cuda"
     rows = []
+    os.makedirs(a.out, exist_ok=True)
+    path = os.path.join(a.out, "learner_cpu_smoke.json" if a.device == "cpu" else "learner.json")
     for shape in a.shapes.split(","):
         model = build_model(shape, os.path.join(work, shape), save_dtype="bfloat16" if bf16 else "float32")
         lengths = dict(prompt_tokens=(50, 200), response_tokens=(100, 2000), demo_tokens=(100, 1000))
@@ -102,11 +104,9 @@ def main() -> None:
         if with_trl:
             by = {r["side"]: r for r in rows if r["shape"] == shape}
             print(f"RATIO {shape}: ours / trl tokens/s = {by['trl']['seconds'] / by['ours']['seconds']:.2f}")
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, "learner_cpu_smoke.json" if a.device == "cpu" else "learner.json")
-    with open(path, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"wrote {path}")
+        with open(path, "w") as f:  # after every shape: a timeout later keeps what was measured
+            json.dump(rows, f, indent=1)
+        print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

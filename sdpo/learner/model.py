@@ -12,10 +12,15 @@ from transformers import AutoModelForCausalLM
 from sdpo.learner.packing import PACKED_SDPA, pack
 
 
-def pick_attention(requested: str, device: str, packed: bool = False) -> str:
+def pick_attention(requested: str, device: str, packed: bool = False, mixed_precision: str = "no") -> str:
+    """auto: flash-attn on CUDA when it imports and the learner computes in bf16 (flash-attn takes
+    fp16/bf16 only; under learner.mixed_precision=no the forward is fp32), else SDPA."""
+    if requested == "flash_attention_2" and mixed_precision != "bf16":
+        raise ValueError("model.attn_implementation=flash_attention_2 needs learner.mixed_precision=bf16: flash-attn "
+                         "rejects fp32 inputs")
     if requested != "auto":
         return requested
-    if device == "cuda":
+    if device == "cuda" and mixed_precision == "bf16":
         try:
             import flash_attn  # noqa: F401
 
@@ -29,6 +34,91 @@ def pick_attention(requested: str, device: str, packed: bool = False) -> str:
 def load_causal_lm(path: str, attn_implementation: str) -> torch.nn.Module:
     # fp32 master weights; mixed precision is FSDP's job (param_dtype), not the checkpoint's.
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+
+
+def load_sharded(path: str, attn_implementation: str, mesh: DeviceMesh, mixed_precision: str, device: torch.device, *,
+                 no_grad: bool = False, offload: bool = False, checkpointing: bool = False) -> torch.nn.Module:
+    """The model at `path`, sharded with FSDP2, without ever holding it whole: built on the meta
+    device, sharded, given empty storage for this rank's shards only (torch's documented FSDP2
+    meta-device flow: fully_shard, then to_empty), then each shard read from the checkpoint's
+    safetensors as a slice of rows. A rank's host memory peaks at its shards plus one tensor's
+    slice, instead of a full fp32 copy (and a second, deep-copied, for the teacher) per rank."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    if checkpointing:
+        checkpoint_layers(model)
+    if no_grad:
+        model.requires_grad_(False)
+    shard(model, mesh, mixed_precision, no_grad=no_grad, offload=offload)
+    model.to_empty(device=torch.device("cpu") if offload else device)
+    _fill_from_safetensors(model, path)
+    _rebuild_buffers(model, device)
+    return model
+
+
+@torch.no_grad()
+def _fill_from_safetensors(model: torch.nn.Module, path: str) -> None:
+    from safetensors import safe_open
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    files = _safetensors_files(path)
+    wanted = model.state_dict()
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {name for name, _ in model.named_parameters()}
+    missing = set(wanted) - tied
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name not in wanted:
+                    raise ValueError(f"{file}: tensor {name!r} is not in {type(model).__name__}")
+                target = wanted[name]
+                rows = f.get_slice(name)
+                if isinstance(target, DTensor):
+                    # this rank's block of the global tensor (FSDP2 shards dim 0, torch.chunk-style)
+                    local_shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh,
+                                                                                target.placements)
+                    local = target.to_local()
+                    if local.numel():
+                        local.copy_(rows[offset[0] : offset[0] + local_shape[0]].to(local.dtype))
+                else:
+                    target.copy_(rows[:].to(target.dtype))
+                missing.discard(name)
+    if missing:
+        raise ValueError(f"{path}: the checkpoint has no {sorted(missing)[:3]} ({len(missing)} tensors missing)")
+    # a tied head (lm_head = embed_tokens) is one parameter: filled through its first name
+
+
+def _safetensors_files(path: str) -> list[str]:
+    import glob
+    import json
+    import os
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return sorted({os.path.join(path, name) for name in json.load(f)["weight_map"].values()})
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"{path}: no *.safetensors weights (meta-device loading reads safetensors only)")
+    return files
+
+
+def _rebuild_buffers(model: torch.nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers are in no checkpoint and to_empty left them uninitialised: compute
+    them again. In transformers' decoder models they are the rotary embedding's inverse frequencies."""
+    for module in model.modules():
+        own = [name for name, _ in module.named_buffers(recurse=False) if name in module._non_persistent_buffers_set]
+        if not own:
+            continue
+        if not type(module).__name__.endswith("RotaryEmbedding"):
+            raise NotImplementedError(f"{type(module).__name__} has non-persistent buffers {own} that meta-device "
+                                      "loading cannot rebuild")
+        with torch.device("cpu"):
+            fresh = type(module)(config=module.config)
+        for name in own:
+            setattr(module, name, getattr(fresh, name).to(getattr(module, name).device))
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -142,4 +232,17 @@ def lm_head_weight(model: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     resharded (teacher) weight is gathered here from its fp32 shards and cast as the model's own
     forward would have."""
     weight = model.get_output_embeddings().weight
-    return (weight.full_tensor() if isinstance(weight, DTensor) else weight).to(dtype)
+    return full_weight(weight).to(dtype)
+
+
+def full_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a (possibly sharded) parameter. `full_tensor()` runs its all-gather
+    on the mesh's device type: a CPU-offloaded shard (teacher_offload) under an NCCL-only process
+    group must be on that device first, as torch's own state-dict gathering does
+    (torch/distributed/_state_dict_utils.py, _iterate_state_dict: value.to(device_mesh.device_type))."""
+    if not hasattr(weight, "full_tensor"):  # a DTensor (duck-typed: anything that gathers)
+        return weight
+    mesh_device = weight.device_mesh.device_type
+    if weight.device.type != mesh_device:
+        weight = weight.to(mesh_device)
+    return weight.full_tensor()

@@ -3,7 +3,6 @@ the optimizer and the EMA teacher. It sees token ids and a loss configuration, n
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import socket
@@ -19,13 +18,13 @@ from torch.distributed.tensor import DTensor
 
 from sdpo.batch import TrainSample
 from sdpo.config import Config
-from sdpo.learner.model import (checkpoint_layers, lm_head_weight, load_causal_lm, pick_attention, response_hidden,
-                                response_logits, shard)
+from sdpo.learner.model import lm_head_weight, load_sharded, pick_attention, response_hidden, response_logits
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
-from sdpo.rollout.transports.broadcast import join_weight_group
-from sdpo.rollout.transports.learner_side import iter_full_tensors, push_weights
-from sdpo.rollout.weights import savable, write_weights
+from sdpo.placement import rollout_torch_dtype
+from sdpo.weight_sync.broadcast import join_weight_group
+from sdpo.weight_sync.learner_side import iter_full_tensors, push_weights
+from sdpo.weight_sync.files import savable, write_weights
 
 
 class LearnerWorker:
@@ -54,34 +53,32 @@ class LearnerWorker:
 
         learner = self.cfg.learner
         self.packed = learner.max_tokens_per_micro_batch is not None
-        attention = pick_attention(self.cfg.model.attn_implementation, self.cfg.device, packed=self.packed)
-        student = load_causal_lm(self.model_path, attention)
-        self.teacher = self._make_teacher(student, attention, mesh)
-        if learner.activation_checkpointing:
-            checkpoint_layers(student)  # after the teacher's copy: the teacher never runs backward
-        self.student = shard(student.to(self.device), mesh, learner.mixed_precision)
+        attention = pick_attention(self.cfg.model.attn_implementation, self.cfg.device, packed=self.packed,
+                                   mixed_precision=learner.mixed_precision)
+        # sharded from the start (meta device, then each rank's rows from safetensors): no rank holds a full copy
+        self.student = load_sharded(self.model_path, attention, mesh, learner.mixed_precision, self.device,
+                                    checkpointing=learner.activation_checkpointing)
+        self.teacher = self._make_teacher(attention, mesh)
         opt = self.cfg.optimizer
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
         warmup = max(1, opt.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return sum(p.numel() for p in self.student.parameters())
 
-    def _make_teacher(self, student: torch.nn.Module, attention: str, mesh) -> torch.nn.Module | None:
+    def _make_teacher(self, attention: str, mesh) -> torch.nn.Module | None:
         """A separate teacher model, sharded exactly like the student so that an EMA update is a
         local lerp on each rank's shard (no gathering). None when the teacher is the live policy
-        or the objective needs no teacher."""
+        or the objective needs no teacher. Loaded from the checkpoint like the student (no copy of it)."""
         if not self.cfg.has_separate_teacher:
             return None
-        if self.cfg.teacher.kind == "checkpoint":
-            teacher = load_causal_lm(self.cfg.teacher.path, attention)
-            if teacher.get_output_embeddings().weight.shape[0] != student.get_output_embeddings().weight.shape[0]:
-                raise ValueError(f"teacher.path={self.cfg.teacher.path!r}: its vocabulary differs from the student's")
-        else:  # ema, frozen, trust_region: all start from the initial checkpoint
-            teacher = copy.deepcopy(student)
-        teacher.requires_grad_(False)
-        offload = self.cfg.learner.teacher_offload
-        teacher = teacher if offload else teacher.to(self.device)
-        return shard(teacher, mesh, self.cfg.learner.mixed_precision, no_grad=True, offload=offload).eval()
+        kind = self.cfg.teacher.kind
+        # ema, frozen, trust_region: all start from the initial checkpoint
+        path = self.cfg.teacher.path if kind == "checkpoint" else self.model_path
+        teacher = load_sharded(path, attention, mesh, self.cfg.learner.mixed_precision, self.device, no_grad=True,
+                               offload=self.cfg.learner.teacher_offload)
+        if teacher.get_output_embeddings().weight.shape[0] != self.student.get_output_embeddings().weight.shape[0]:
+            raise ValueError(f"teacher.path={self.cfg.teacher.path!r}: its vocabulary differs from the student's")
+        return teacher.eval()
 
     def _scores(self, model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]]) -> Scores:
         chunk = self.cfg.loss.chunk_tokens
@@ -187,7 +184,8 @@ class LearnerWorker:
             raise ValueError(f"teacher.kind={self.cfg.teacher.kind!r} with loss.objective={self.cfg.loss.objective!r} keeps no separate teacher weights")
         model = self.teacher if teacher else self.student
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        path = write_weights(state, directory, version) if self.rank == 0 else None
+        # in the engines' dtype: a bf16 engine needs half the bytes of the fp32 master weights
+        path = write_weights(state, directory, version, dtype=rollout_torch_dtype(self.cfg)) if self.rank == 0 else None
         dist.barrier()
         return path
 
@@ -199,10 +197,16 @@ class LearnerWorker:
     def push_weights(self, transport: str, version: int, bucket_bytes: int, receivers_by_rank: list | None) -> dict[str, float]:
         """Stream the student's full weights to the engines in buckets (nccl / cuda_ipc). Every rank
         calls it: gathering each FSDP2 shard is a collective."""
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.cfg.rollout.dtype]
+        dtype = rollout_torch_dtype(self.cfg)
         return push_weights(iter_full_tensors(self.student), transport=transport, rank=self.rank, version=version,
                             bucket_bytes=bucket_bytes, device=self.device, group=getattr(self, "_weight_group", None),
                             receivers=receivers_by_rank[self.rank] if receivers_by_rank else None, dtype=dtype)
+
+    def release_memory(self) -> None:
+        """Give the blocks this rank's CUDA caching allocator holds back to the driver, for a
+        colocated engine about to (re)allocate its weights and KV cache on the same GPU."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def save_checkpoint(self, directory: str) -> None:
         """Sharded student, optimizer and teacher through torch.distributed.checkpoint (each rank

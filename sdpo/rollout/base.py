@@ -14,9 +14,24 @@ Log-prob semantics (the same for every engine):
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-ENGINE_KINDS = ("auto", "vllm", "hf")
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample one call's completions (the same for every prompt of the call)."""
+
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop_token_ids: tuple[int, ...]  # only these stop a completion (no implicit EOS): pass the EOS id here
+    seed: int  # the same seed and inputs give the same completions
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    def with_seed(self, seed: int) -> "Sampling":
+        return replace(self, seed=seed)
 
 
 @dataclass
@@ -33,21 +48,8 @@ class RolloutEngine(abc.ABC):
     kind: str = ""
 
     @abc.abstractmethod
-    def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        stop_token_ids: list[int],
-        seed: int,
-    ) -> list[list[Completion]]:
-        """One list of n completions per prompt, in prompt order.
-
-        Only `stop_token_ids` stop a completion (no implicit EOS): pass the EOS id there.
-        The same seed and inputs give the same completions."""
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+        """One list of `sampling.n` completions per prompt, in prompt order."""
 
     @abc.abstractmethod
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list[list[float]]:
@@ -58,8 +60,8 @@ class RolloutEngine(abc.ABC):
     def load_weights(self, path: str) -> None:
         """Replace the weights with those in a safetensors file holding the full HF-named state dict."""
 
-    # Bucketed weight updates (transports/): begin, any number of buckets, finish. A bucket arrives
-    # as a handle (CUDA IPC or a shared-memory file) and JSON metadata; see transports/handles.py.
+    # Bucketed weight updates (sdpo/weight_sync/): begin, any number of buckets, finish. A bucket arrives
+    # as a handle (CUDA IPC or a shared-memory file) and JSON metadata; see sdpo/weight_sync/handles.py.
     def begin_weight_update(self) -> None:
         raise NotImplementedError(f"the {self.kind} engine has no bucketed weight updates: use rollout.weight_sync=shm")
 
@@ -69,7 +71,7 @@ class RolloutEngine(abc.ABC):
     def finish_weight_update(self) -> None:
         raise NotImplementedError(f"the {self.kind} engine has no bucketed weight updates: use rollout.weight_sync=shm")
 
-    # Broadcast weight updates (transports/broadcast.py): join the group once, then receive per sync.
+    # Broadcast weight updates (sdpo/weight_sync/broadcast.py): join the group once, then receive per sync.
     def join_weight_group(self, backend: str, master_addr: str, master_port: int, rank_offset: int, world_size: int) -> None:
         raise NotImplementedError(f"the {self.kind} engine cannot join a weight broadcast group: use rollout.weight_sync=shm")
 
@@ -90,39 +92,3 @@ class RolloutEngine(abc.ABC):
 
     def close(self) -> None:
         """Release the engine's resources (processes, process groups). Optional to call."""
-
-
-def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except Exception:  # ImportError, or a broken install (e.g. CUDA torchvision next to CPU torch)
-        return False
-    return True
-
-
-def make_engine(
-    kind: str,
-    model_path: str,
-    *,
-    dtype: str = "float32",
-    kv_cache_gib: float = 1.0,
-    seed: int = 0,
-    max_model_len: int = 2048,
-    enable_sleep_mode: bool = False,
-) -> RolloutEngine:
-    """Build a rollout engine. kind: "vllm", "hf", or "auto" (vLLM if it imports, else HF).
-    enable_sleep_mode: vLLM on CUDA only (colocated placement); ignored elsewhere."""
-    if kind not in ENGINE_KINDS:
-        raise ValueError(f"rollout engine kind must be one of {ENGINE_KINDS}, got {kind!r}")
-    if kind == "auto":
-        kind = "vllm" if vllm_available() else "hf"
-    if kind == "vllm":
-        from sdpo.rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine(
-            model_path, dtype=dtype, kv_cache_gib=kv_cache_gib, seed=seed, max_model_len=max_model_len,
-            enable_sleep_mode=enable_sleep_mode,
-        )
-    from sdpo.rollout.hf_engine import HFEngine
-
-    return HFEngine(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len)

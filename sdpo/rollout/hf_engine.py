@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from sdpo.rollout.base import Completion, RolloutEngine
+from sdpo.rollout.base import Completion, RolloutEngine, Sampling
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -53,6 +53,7 @@ class HFEngine(RolloutEngine):
         max_model_len: int = 2048,
         device: str | None = None,
         score_tokens_per_batch: int = 16384,
+        weight_sync_timeout_s: float = 600.0,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -62,18 +63,20 @@ class HFEngine(RolloutEngine):
         self.seed = seed
         self.max_model_len = max_model_len
         self.score_tokens_per_batch = score_tokens_per_batch
+        self.weight_sync_timeout_s = weight_sync_timeout_s
 
     @torch.no_grad()
-    def generate(self, prompts, *, n, temperature, top_p, max_new_tokens, stop_token_ids, seed):
+    def generate(self, prompts, sampling: Sampling):
+        n, temperature, top_p = sampling.n, sampling.temperature, sampling.top_p
         rows = [list(p) for p in prompts for _ in range(n)]
         if not rows:
             return [[] for _ in prompts]
         for p in rows:
             if not 0 < len(p) < self.max_model_len:
                 raise ValueError(f"prompt length {len(p)} must be in [1, max_model_len={self.max_model_len})")
-        budgets = [min(max_new_tokens, self.max_model_len - len(p)) for p in rows]
-        stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=self.device)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        budgets = [min(sampling.max_new_tokens, self.max_model_len - len(p)) for p in rows]
+        stop = torch.tensor(sorted(set(sampling.stop_token_ids)), dtype=torch.long, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(sampling.seed)
 
         # Left-pad so that every row's next token sits in the last column.
         width = max(len(p) for p in rows)
@@ -157,7 +160,7 @@ class HFEngine(RolloutEngine):
         self._pending = {name for name in self.model.state_dict() if not self._tied_head(name)}
 
     def load_weight_bucket(self, handle: dict, metas_json: list) -> None:
-        from sdpo.rollout.transports.handles import open_named
+        from sdpo.weight_sync.handles import open_named
 
         self._copy_in(open_named(handle, metas_json, self.device))
 
@@ -167,12 +170,13 @@ class HFEngine(RolloutEngine):
             raise ValueError(f"weight update ended without {len(missing)} tensors, e.g. {missing[:3]}")
 
     def join_weight_group(self, backend, master_addr, master_port, rank_offset, world_size) -> None:
-        from sdpo.rollout.transports.broadcast import join_weight_group
+        from sdpo.weight_sync.broadcast import join_weight_group
 
-        self._group = join_weight_group(backend, master_addr, master_port, rank_offset, world_size, device=self.device)
+        self._group = join_weight_group(backend, master_addr, master_port, rank_offset, world_size, device=self.device,
+                                        timeout_s=self.weight_sync_timeout_s)
 
     def receive_weights(self) -> None:
-        from sdpo.rollout.transports.broadcast import receive_weights
+        from sdpo.weight_sync.broadcast import receive_weights
 
         self.begin_weight_update()
         self._copy_in(receive_weights(self._group))

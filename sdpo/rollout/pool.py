@@ -6,7 +6,7 @@
 - A replica that dies (its process crashed, it was killed) is replaced by a new actor that reloads
   the last weights, and its share of the call is retried with the same seed, so the call returns
   what it would have returned. At most `rollout.max_replica_restarts` replacements per run.
-- `sync_weights` moves new weights by the configured transport (see transports/__init__.py).
+- `sync_weights` moves new weights by the configured transport (see sdpo/weight_sync/__init__.py).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from ray.exceptions import RayActorError
 from sdpo.cluster import start_actor
 from sdpo.config import Config
 from sdpo.dealing import snake_deal
-from sdpo.rollout.base import Completion
-from sdpo.rollout.transports import resolve_weight_sync
+from sdpo.placement import check_placement, engine_settings, model_max_positions
+from sdpo.rollout.base import Completion, Sampling
 from sdpo.rollout.worker import RolloutWorker
+from sdpo.weight_sync import broadcast_backend
 
 _REPLICA_SEED_STRIDE = 7919  # replica i samples with seed + i * stride: replicas never share streams
 
@@ -32,36 +33,47 @@ class RolloutPool:
         group must share (so that replica i and learner rank i see the same GPU)."""
         self.cfg, self.model_path, self.placement_group = cfg, model_path, placement_group
         r = cfg.rollout
-        self.transport = resolve_weight_sync(r.weight_sync, r.placement, cfg.device)
+        check_placement(cfg)
+        self.settings = engine_settings(cfg, model_max_positions(model_path))
+        self.transport = self.settings.weight_sync
+        self.shares_gpu = self.settings.sleep_mode  # colocated on CUDA: each engine shares a GPU with a learner rank
         self.bucket_bytes = r.weight_sync_bucket_mib * 2**20
         self.version = 0  # the policy version every replica holds
         self.restarts = 0
         self._last_weights: str | None = None  # the newest weight file: what a replacement reloads
         self._export = None  # (learners, directory): to write a file for a replacement (nccl / cuda_ipc)
-        self._group_ready = False
+        self._group_learners = None  # the learner group whose rank 0 the engines' broadcast group was built with
         self._response_tokens_mean: float | None = None  # measured, for balancing the next call
         self.workers = [self._start(i) for i in range(r.replicas)]
         kinds = ray.get([w.engine_kind.remote() for w in self.workers])  # also waits for every start-up
         self.engine_kind = kinds[0]
 
     def _start(self, index: int):
-        r, group = self.cfg.rollout, self.placement_group
-        sleep_mode = self.cfg.device == "cuda" and r.placement == "colocated"
-        return start_actor(RolloutWorker, (r.engine, self.model_path, r.dtype, r.kv_cache_gib, self.cfg.seed + index,
-                                           r.torch_threads_per_replica), dict(enable_sleep_mode=sleep_mode),
+        r, group, s = self.cfg.rollout, self.placement_group, self.settings
+        return start_actor(RolloutWorker, (r.engine, self.model_path, s.dtype,
+                                           s.kv_cache_bytes / 2**30 if s.kv_cache_bytes else None,
+                                           self.cfg.seed + index, r.torch_threads_per_replica),
+                           dict(max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
+                                enforce_eager=s.enforce_eager, chunked_prefill=s.chunked_prefill,
+                                enable_sleep_mode=s.sleep_mode, weight_sync_timeout_s=r.weight_sync_timeout_s),
                            num_cpus=r.num_cpus_per_replica, num_gpus=r.num_gpus_per_replica, placement_group=group,
                            bundle=index % group.bundle_count if group is not None else 0)
 
     # ---- generation --------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                 max_new_tokens: int, stop_token_ids: list[int], seed: int) -> list[list[Completion]]:
-        expected = self._response_tokens_mean if self._response_tokens_mean is not None else max_new_tokens
-        shares = balance(prompts, len(self.workers), n, min(expected, max_new_tokens))
-        kwargs = dict(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                      stop_token_ids=stop_token_ids)
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+        max_new = sampling.max_new_tokens
+        room = self.settings.max_model_len - max_new
+        longest = max((len(p) for p in prompts), default=0)
+        if longest > room:
+            raise ValueError(f"a prompt of {longest} tokens does not fit the engines' context of {self.settings.max_model_len} "
+                             f"tokens with {max_new} response tokens: raise rollout.max_prompt_tokens (or "
+                             "rollout.max_model_len), or shorten the prompts")
+        expected = self._response_tokens_mean if self._response_tokens_mean is not None else max_new
+        shares = balance(prompts, len(self.workers), sampling.n, min(expected, max_new))
 
         def submit(i: int):
-            return self.workers[i].generate.remote([prompts[j] for j in shares[i]], seed=seed + _REPLICA_SEED_STRIDE * i, **kwargs)
+            share = sampling.with_seed(sampling.seed + _REPLICA_SEED_STRIDE * i)
+            return self.workers[i].generate.remote([prompts[j] for j in shares[i]], share)
 
         refs = {i: submit(i) for i, share in enumerate(shares) if share}
         results: list[list[Completion] | None] = [None] * len(prompts)
@@ -88,6 +100,10 @@ class RolloutPool:
         self.restarts += 1
         started = time.perf_counter()
         ray.kill(self.workers[index], no_restart=True)  # in case it hangs rather than died
+        if self.shares_gpu and self._export is not None:
+            # vLLM starts only if gpu_memory_utilization x total memory is free (v1/worker/utils.py,
+            # request_memory): the learner beside it returns its cached blocks first
+            self._export[0].call("release_memory")
         self.workers[index] = worker = self._start(index)
         path = self._last_weights
         if self.version and (path is None or self.transport != "shm") and self._export is not None:
@@ -97,7 +113,7 @@ class RolloutPool:
             ray.get(worker.load_weights.remote(path, self.version))
         else:
             ray.get(worker.engine_kind.remote())  # wait for start-up: it has the checkpoint's weights
-        self._group_ready = False  # a broadcast group that held the dead replica must be rebuilt
+        self._group_learners = None  # a broadcast group that held the dead replica must be rebuilt
         print(f"[sdpo] rollout replica {index} died ({type(error).__name__}); replaced in "
               f"{time.perf_counter() - started:.1f} s with policy v{self.version} "
               f"({self.restarts}/{self.cfg.rollout.max_replica_restarts} replacements used)", flush=True)
@@ -115,30 +131,38 @@ class RolloutPool:
 
         shm: `learners.export_weights(directory, version)` writes a file, replicas reload it.
         nccl / cuda_ipc: `learners.push_weights(...)` (every rank calls
-        transports.learner_side.push_weights) while the replicas receive."""
+        weight_sync.learner_side.push_weights) while the replicas receive."""
         self._export = (learners, directory)
         started = time.perf_counter()
+        if self.shares_gpu:
+            # the engines re-allocate their weights and KV cache on wake-up: the learners give back
+            # the blocks their caching allocators hold first (torch.cuda.empty_cache)
+            learners.call("release_memory")
         if self.transport == "shm":
             self.load_weights(learners.export_weights(directory, version), version)
         elif self.transport == "nccl":
-            if not self._group_ready:
+            if self._group_learners is not learners:  # first sync, a replaced replica, or a restarted learner group
                 self._join_group(learners)
             receiving = [w.receive_weights.remote(version) for w in self.workers]
-            learners.push_weights(self.transport, version, self.bucket_bytes, receivers_by_rank=None)
-            ray.get(receiving)
+            try:
+                learners.push_weights(self.transport, version, self.bucket_bytes, receivers_by_rank=None)
+                ray.get(receiving)
+            except BaseException:
+                # a sender that died mid-transfer leaves the group broken (the receivers give up after
+                # rollout.weight_sync_timeout_s): the next sync builds a new one
+                self._group_learners = None
+                raise
             self.version = version
-        else:  # cuda_ipc: the engines slept through training; wake weights, load, wake KV cache
-            self._call_all("wake_up", ["weights"])
+        else:  # cuda_ipc: each engine wakes its weights in begin_weight_update and its KV cache in finish
             learners.push_weights(self.transport, version, self.bucket_bytes,
                                   receivers_by_rank=[self.receivers_for_rank(r, learners.world_size)
                                                      for r in range(learners.world_size)])
-            self._call_all("wake_up", ["kv_cache"])  # also resets the prefix cache
             self.version = version
         return {"weight_sync/seconds": time.perf_counter() - started}
 
     def prepare_for_training(self) -> None:
         """Colocated: free the GPU memory the engines hold before the learner trains."""
-        if self.cfg.device == "cuda" and self.cfg.rollout.placement == "colocated":
+        if self.shares_gpu:
             self._call_all("sleep", 2)  # weights too: a full sync follows every step
 
     def receivers_for_rank(self, rank: int, world_size: int) -> list:
@@ -158,10 +182,11 @@ class RolloutPool:
 
     def _join_group(self, learners) -> None:
         addr, port = learners.weight_group_address()
-        world, refs = self.join_weight_group("nccl", addr, port)
-        learners.call("join_weight_group", "nccl", addr, port, world)
+        backend = broadcast_backend(self.cfg.device)
+        world, refs = self.join_weight_group(backend, addr, port)
+        learners.call("join_weight_group", backend, addr, port, world)
         ray.get(refs)
-        self._group_ready = True
+        self._group_learners = learners
 
     def _call_all(self, method: str, *args) -> None:
         """One call on every replica; a replica that died is replaced (with the current weights,

