@@ -26,6 +26,7 @@ from sdpo.probe import probe_teacher
 from sdpo.recipe import to_yaml
 from sdpo.rollout.pool import RolloutPool
 from sdpo.rollout.weights import default_weights_dir
+from sdpo.teacher_guard import TeacherGuard
 
 
 def train(cfg: Config, environment: tuple | None = None) -> dict[str, dict[str, float]]:
@@ -52,6 +53,7 @@ def train(cfg: Config, environment: tuple | None = None) -> dict[str, dict[str, 
     log.say(f"run dir {run_dir} | rollout engine: {rollout.engine_kind} x{cfg.rollout.replicas} | "
             f"learner: {cfg.learner.world_size} FSDP2 ranks, {learners.num_params / 1e6:.2f}M params")
     weights_dir = default_weights_dir(run_dir.name)
+    guard = TeacherGuard.from_config(cfg)  # teacher.guard: acts on the teacher probe's readings
 
     def generate_groups(tasks: list[Task], n: int, temperature: float, seed: int):
         prompt_ids = [chat_ids(tokenizer, t.messages) for t in tasks]
@@ -75,9 +77,11 @@ def train(cfg: Config, environment: tuple | None = None) -> dict[str, dict[str, 
         """Learners, engine weights and data position as of checkpoint ``path`` (None: the start)."""
         sampler = PromptSampler(train_tasks, cfg.seed)
         if path is None:
+            guard.load_state(None, learners)
             return 0, sampler, None
         learners.load_checkpoint(str(path))
         state = checkpoints.load_driver_state(path)
+        guard.load_state(state.get("guard"), learners)
         sampler.load_state(state["sampler"])
         rollout.load_weights(learners.export_weights(weights_dir, state["step"]), version=state["step"])
         log.say(f"resumed from {path} (step {state['step']})")
@@ -101,7 +105,8 @@ def train(cfg: Config, environment: tuple | None = None) -> dict[str, dict[str, 
     if before is None:
         before = evaluate(0)
         if cfg.eval.teacher_probe_every_steps:
-            log.log(0, probe_teacher(cfg, probe_tasks, rollout, envs, learners, tokenizer, stops, weights_dir, 0))
+            probe = probe_teacher(cfg, probe_tasks, rollout, envs, learners, tokenizer, stops, weights_dir, 0)
+            log.log(0, {**probe, **guard.apply(0, probe, learners, log.say)})
     restarts = 0
     while step < cfg.steps:
         step += 1
@@ -142,9 +147,11 @@ def train(cfg: Config, environment: tuple | None = None) -> dict[str, dict[str, 
         if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step != cfg.steps:
             evaluate(step)
         if cfg.eval.teacher_probe_every_steps and (step % cfg.eval.teacher_probe_every_steps == 0 or step == cfg.steps):
-            log.log(step, probe_teacher(cfg, probe_tasks, rollout, envs, learners, tokenizer, stops, weights_dir, step))
+            probe = probe_teacher(cfg, probe_tasks, rollout, envs, learners, tokenizer, stops, weights_dir, step)
+            log.log(step, {**probe, **guard.apply(step, probe, learners, log.say)})
         if checkpoints.due(step):
-            path, seconds = checkpoints.save(step, learners, {"step": step, "sampler": sampler.state(), "before": before})
+            path, seconds = checkpoints.save(step, learners, {"step": step, "sampler": sampler.state(), "before": before,
+                                                               "guard": guard.state()})
             log.log(step, {"checkpoint/seconds": seconds, "checkpoint/bytes": float(size_bytes(path))})
     after = evaluate(cfg.steps) if cfg.steps else before
     if cfg.checkpoint.export_hf:

@@ -27,10 +27,16 @@ class LearnerGroup:
         self.num_params = ray.get([w.setup.remote(addr, port) for w in self.workers])[0]
 
     def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
-        plans = rank_plans(samples, len(self.workers), self.cfg)
-        totals = Totals(sequences=len(samples), sd_tokens=sum(len(s.response_ids) for s in samples if s.sd_mask),
-                        all_tokens=sum(len(s.response_ids) for s in samples))
-        results = _get_all(self._timeout, [w.train_step.remote(plan, totals) for w, plan in zip(self.workers, plans)])
+        # optimizer.mini_batches_per_batch: disjoint mini-batches in batch order (whole prompt
+        # groups), each planned over all ranks and normalized by its own totals: one step each.
+        count = self.cfg.optimizer.mini_batches_per_batch
+        size = len(samples) // count
+        minis = [samples[i * size : (i + 1) * size] for i in range(count)]
+        per_rank: list[list] = [[] for _ in self.workers]
+        for mini in minis:
+            for shares, plan in zip(per_rank, rank_plans(mini, len(self.workers), self.cfg)):
+                shares.append((plan, Totals.of(mini)))
+        results = _get_all(self._timeout, [w.train_batch.remote(shares) for w, shares in zip(self.workers, per_rank)])
         tokens = sum(r["tokens"] for r in results)
         extra = {f"learn/{k}": sum(r[k] for r in results) for k in ("sd_loss", "pg_loss") if k in results[0]}
         if "clip_frac" in results[0]:
@@ -49,6 +55,15 @@ class LearnerGroup:
     def export_weights(self, directory: str, version: int, teacher: bool = False) -> str:
         paths = _get_all(self._timeout, [w.export_weights.remote(directory, version, teacher) for w in self.workers])
         return paths[0]
+
+    def freeze_teacher(self) -> None:
+        _get_all(self._timeout, [w.freeze_teacher.remote() for w in self.workers])
+
+    def snapshot_teacher(self) -> None:
+        _get_all(self._timeout, [w.snapshot_teacher.remote() for w in self.workers])
+
+    def reset_teacher(self) -> None:
+        _get_all(self._timeout, [w.reset_teacher.remote() for w in self.workers])
 
     @property
     def has_separate_teacher(self) -> bool:
