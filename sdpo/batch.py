@@ -26,6 +26,7 @@ class TrainSample:
     teacher_prompt_ids: list[int]
     sd_mask: int
     advantage: float = 0.0  # group-relative reward (GRPO / hybrid objectives)
+    success: int = 0  # reward >= success_threshold (loss.objective=routed sends these to the policy gradient)
 
     @property
     def num_tokens(self) -> int:
@@ -52,11 +53,12 @@ def build_batch(
         )
         rewards = torch.tensor([v.reward for v in group_verdicts])
         advantages = group_advantages(rewards, torch.zeros(len(rewards)), normalize_std=std_normalize_advantages).tolist()
-        for completion, context, advantage in zip(group, contexts, advantages):
+        for completion, context, advantage, verdict in zip(group, contexts, advantages, group_verdicts):
             teacher_ids = ids if not context.sd_mask else truncate_prompt_ids(
                 chat_ids(tokenizer, context.messages), cfg.max_teacher_prompt_tokens, cfg.teacher_truncation
             )
-            samples.append(TrainSample(ids, completion.token_ids, completion.logprobs, teacher_ids, context.sd_mask, advantage))
+            samples.append(TrainSample(ids, completion.token_ids, completion.logprobs, teacher_ids, context.sd_mask, advantage,
+                                       success=int(verdict.reward >= cfg.success_threshold)))
             with_solution += context.has_solution
             with_feedback += context.has_feedback
     n = max(1, len(samples))

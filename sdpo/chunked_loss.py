@@ -15,7 +15,8 @@ float32). Cost: the student and teacher LM-head matmuls run twice (forward and b
 
 Inputs are plain tensors: with FSDP2 the caller passes the unsharded LM-head weight (e.g. inside the
 root module's forward, or ``DTensor.full_tensor()``). LM heads with a bias or logit soft-capping
-are not covered; temperature scaling is not applied (SPEC trains at temperature 1).
+are not covered. A sampling temperature T is applied by the caller, dividing the hidden states by T
+(``objective.Scores.tempered``): (h / T) W^T = logits / T, and the gradients follow through it.
 """
 
 from __future__ import annotations

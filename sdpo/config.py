@@ -40,15 +40,18 @@ class LossConfig(Section):
     """The objective: self-distillation (SPEC sections 3-4), GRPO (section 6), or both."""
 
     # sdpo: distill the teacher into the student; grpo: group-relative policy gradient with PPO
-    # clipping; hybrid: sdpo + pg_weight * grpo.
-    objective: Literal["sdpo", "grpo", "hybrid"] = "sdpo"
+    # clipping; hybrid: sdpo + pg_weight * grpo; routed: grpo on the samples that succeeded, sdpo
+    # on those that failed (one loss, SPEC section 6).
+    objective: Literal["sdpo", "grpo", "hybrid", "routed"] = "sdpo"
     alpha: float = Field(0.5, ge=0.0, le=1.0)  # 0 forward KL, 1 reverse KL, between: generalized JSD
     full_logit_distillation: bool = True  # False: the token-level estimator on sampled ids (alpha 1)
     topk: int | None = Field(100, gt=0)  # None: full vocabulary
     add_tail: bool = True
     rollout_is: bool = True  # truncated importance weight for rollout/learner mismatch
     rollout_is_cap: float = Field(2.0, gt=0.0)
-    is_clip: float | None = Field(2.0, gt=0.0)  # off-policy ratio cap when updates_per_batch > 1; None: off
+    # off-policy ratio cap when a batch takes several optimizer steps (updates_per_batch > 1 or
+    # mini_batches_per_batch > 1); None: off
+    is_clip: float | None = Field(2.0, gt=0.0)
     top_entropy_quantile: float = Field(1.0, gt=0.0, le=1.0)  # distill on the top-q student-entropy tokens
     aggregation: Literal["sequence_mean", "token_mean"] = "sequence_mean"
     chunk_tokens: int | None = Field(None, gt=0)  # divergence in chunks of this many tokens; None: at once
@@ -134,6 +137,15 @@ class TeacherConfig(Section):
     kind: Literal["ema", "trust_region", "frozen", "live", "checkpoint"] = "ema"
     update_rate: float = Field(0.05, ge=0.0, le=1.0)
     path: str | None = None  # kind=checkpoint only
+    # When the EMA teacher moves: once per generation batch, after its last optimizer step (the
+    # authors' code), or after every optimizer step (TRL; with k steps per batch the effective rate
+    # per batch is then 1 - (1 - rate)^k).
+    update_every: Literal["batch", "optimizer_step"] = "batch"
+    # Teacher guard (sdpo/teacher_guard.py), read from the teacher probe (eval.teacher_probe_every_steps):
+    # when probe/teacher_success falls more than guard_margin below its best, warn; freeze the EMA
+    # teacher for the rest of the run; or reset it to the last copy whose probe was within the margin.
+    guard: Literal["off", "warn", "freeze", "reset"] = "off"
+    guard_margin: float = Field(0.1, ge=0.0, le=1.0)  # in success fraction (0.1 = 10 points)
 
 
 class OptimizerConfig(Section):
@@ -142,7 +154,10 @@ class OptimizerConfig(Section):
     weight_decay: float = Field(0.01, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     warmup_steps: int = Field(10, ge=0)  # linear warm-up, then constant
-    updates_per_batch: int = Field(1, ge=1)  # optimizer steps on one generation batch (>1: off-policy)
+    updates_per_batch: int = Field(1, ge=1)  # passes (epochs) over one generation batch (>1: off-policy)
+    # Each pass splits the batch, in order, into this many disjoint mini-batches of whole prompt
+    # groups, one optimizer step each: updates_per_batch * mini_batches_per_batch steps per batch.
+    mini_batches_per_batch: int = Field(1, ge=1)
 
 
 class LearnerConfig(Section):
@@ -242,6 +257,9 @@ class Config(Section):
         if (self.teacher.kind == "checkpoint") != (self.teacher.path is not None):
             raise ValueError("teacher.path is required with teacher.kind=checkpoint, and only then "
                              f"(got kind={self.teacher.kind!r}, path={self.teacher.path!r})")
+        self._check_training_sampling()
+        self._check_mini_batches()
+        self._check_teacher_guard()
         if loss.objective != "sdpo" and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"loss.objective={loss.objective} compares samples within a group: "
                              "rollout.samples_per_prompt must be >= 2")
@@ -263,3 +281,37 @@ class Config(Section):
             if self.rollout.num_gpus_per_replica <= 0:
                 raise ValueError("device=cuda needs rollout.num_gpus_per_replica > 0 (e.g. 1)")
         return self
+
+    def _check_training_sampling(self) -> None:
+        if not self.steps:
+            return  # evaluation only: nothing is trained on the samples
+        if self.rollout.temperature <= 0:
+            raise ValueError("rollout.temperature must be > 0 for training (the learner divides logits by it); "
+                             "greedy decoding is for evaluation (eval.greedy)")
+        if self.rollout.top_p < 1:
+            # The engines return log-probs renormalized over the nucleus, but the learner scores the
+            # full (tempered) distribution: the IS weights and the divergence would not match what was sampled.
+            raise ValueError(f"rollout.top_p={self.rollout.top_p} < 1 is not supported for training: the learner does "
+                             "not apply the nucleus (it scores the full tempered distribution); set rollout.top_p=1")
+
+    def _check_mini_batches(self) -> None:
+        k, samples, ranks = self.optimizer.mini_batches_per_batch, self.samples_per_step, self.learner.world_size
+        if k == 1:
+            return
+        if self.prompts_per_step % k:
+            raise ValueError(f"optimizer.mini_batches_per_batch={k} must divide prompts_per_step={self.prompts_per_step} "
+                             "(each mini-batch holds whole prompt groups)")
+        if (samples // k) % ranks:
+            raise ValueError(f"each of the optimizer.mini_batches_per_batch={k} mini-batches holds {samples // k} samples, "
+                             f"which must be divisible by learner.world_size = {ranks}")
+
+    def _check_teacher_guard(self) -> None:
+        teacher = self.teacher
+        if teacher.guard == "off":
+            return
+        if not self.eval.teacher_probe_every_steps:
+            raise ValueError(f"teacher.guard={teacher.guard} reads the teacher probe: set eval.teacher_probe_every_steps > 0")
+        if teacher.guard in ("freeze", "reset") and (teacher.kind != "ema" or self.loss.objective == "grpo"):
+            raise ValueError(f"teacher.guard={teacher.guard} acts on an EMA teacher's weights; it needs teacher.kind=ema "
+                             f"and a distilling objective (got kind={teacher.kind}, objective={self.loss.objective}); "
+                             "use teacher.guard=warn")

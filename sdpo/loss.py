@@ -142,9 +142,9 @@ def rollout_is_weights(learner_logp: Tensor, rollout_logp: Tensor, cap: float) -
 def off_policy_is_weights(student_logp: Tensor, old_logp: Tensor, clip: float) -> Tensor:
     """Off-policy ratio r_t = min(exp(clamp(logp_S - logp_old, -20, 20)), clip), detached.
 
-    SPEC section 4, for when several optimizer steps share one generation batch (``old_logp`` is the
-    learner's no-grad log-prob of the sampled token before the first of them; on the first step
-    r_t = 1). It is a *weight*, like the rollout IS weight, not a PPO ratio: the reference (lasgroup
+    SPEC section 4, for when several optimizer steps share one generation batch (passes or
+    mini-batches: ``old_logp`` is the learner's no-grad log-prob of the sampled token before the
+    first of them; on the first step r_t = 1). It is a *weight*, like the rollout IS weight, not a PPO ratio: the reference (lasgroup
     SDPO, ``compute_self_distillation_loss``) and TRL's ``apply_importance_sampling_clipping`` both
     detach it, so no gradient flows through r_t and it only rescales each token's divergence. Multiply
     it into ``token_weight`` for ``aggregate``.

@@ -37,6 +37,7 @@ from sdpo.probe import probe_teacher
 from sdpo.recipe import to_yaml
 from sdpo.rollout.base import Completion, Sampling
 from sdpo.rollout.pool import RolloutPool
+from sdpo.teacher_guard import TeacherGuard
 from sdpo.weight_sync.files import default_weights_dir
 
 # What a learner call raises when a rank is gone (or failed on its own: restart_learners tells them apart).
@@ -127,6 +128,7 @@ class Run:
         self.weights_dir = default_weights_dir(self.run_dir.name)
         remove_orphaned_weight_dirs(self.weights_dir)
         self.sampler = PromptSampler(self.train_tasks, cfg.seed)
+        self.guard = TeacherGuard.from_config(cfg)  # teacher.guard: acts on the teacher probe's readings
         self.before: dict[str, float] | None = None  # held-out success before training
         self.step = 0  # the last step completed (what an interrupted run reports)
         self.restarts = 0
@@ -191,11 +193,12 @@ class Run:
 
     def probe(self, step: int) -> None:
         if self.cfg.eval.teacher_probe_every_steps:
-            self.log.log(step, probe_teacher(self, self.probe_tasks, step))
+            probe = probe_teacher(self, self.probe_tasks, step)
+            self.log.log(step, {**probe, **self.guard.apply(step, probe, self.learners, self.log.say)})
 
     def save(self, step: int) -> None:
         path, seconds = self.checkpoints.save(step, self.learners, {"step": step, "sampler": self.sampler.state(),
-                                                                    "before": self.before})
+                                                                    "before": self.before, "guard": self.guard.state()})
         self.log.log(step, {"checkpoint/seconds": seconds, "checkpoint/bytes": float(size_bytes(path))})
 
     def restore(self, path: Path | None) -> int:
@@ -203,9 +206,11 @@ class Run:
         Returns the step to continue after."""
         self.sampler, self.step = PromptSampler(self.train_tasks, self.cfg.seed), 0
         if path is None:
+            self.guard.load_state(None, self.learners)
             return 0
         self.learners.call("load_checkpoint", str(path))
         state = self.checkpoints.load_driver_state(path)
+        self.guard.load_state(state.get("guard"), self.learners)
         self.sampler.load_state(state["sampler"])
         self.rollout.load_weights(self.learners.export_weights(self.weights_dir, state["step"]), version=state["step"])
         self.before, self.step = state["before"], state["step"]

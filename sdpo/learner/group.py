@@ -34,10 +34,16 @@ class LearnerGroup:
         return _get_all(self._timeout, [getattr(w, method).remote(*args) for w in self.workers])
 
     def train_step(self, samples: list[TrainSample]) -> dict[str, float]:
-        plans = rank_plans(samples, len(self.workers), self.cfg)
-        totals = Totals(sequences=len(samples), sd_tokens=sum(len(s.response_ids) for s in samples if s.sd_mask),
-                        all_tokens=sum(len(s.response_ids) for s in samples))
-        results = _get_all(self._timeout, [w.train_step.remote(plan, totals) for w, plan in zip(self.workers, plans)])
+        # optimizer.mini_batches_per_batch: disjoint mini-batches in batch order (whole prompt
+        # groups), each planned over all ranks and normalized by its own totals: one step each.
+        count = self.cfg.optimizer.mini_batches_per_batch
+        size = len(samples) // count
+        minis = [samples[i * size : (i + 1) * size] for i in range(count)]
+        per_rank: list[list] = [[] for _ in self.workers]
+        for mini in minis:
+            for shares, plan in zip(per_rank, rank_plans(mini, len(self.workers), self.cfg)):
+                shares.append((plan, Totals.of(mini)))
+        results = _get_all(self._timeout, [w.train_batch.remote(shares) for w, shares in zip(self.workers, per_rank)])
         tokens = sum(r["tokens"] for r in results)
         extra = {f"learn/{k}": sum(r[k] for r in results) for k in ("sd_loss", "pg_loss") if k in results[0]}
         if "clip_frac" in results[0]:

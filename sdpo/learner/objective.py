@@ -1,7 +1,8 @@
-"""One micro-batch's share of the training loss, for every objective (SDPO, GRPO, hybrid).
+"""One micro-batch's share of the training loss, for every objective (SDPO, GRPO, hybrid, routed).
 
 Tensors and a LossConfig in, a scalar out. The teacher's scores arrive precomputed (the worker
-decides whose weights produce them); nothing here knows about models or environments.
+decides whose weights produce them, and divides them by the sampling temperature with
+``Scores.tempered``); nothing here knows about models or environments.
 """
 
 from __future__ import annotations
@@ -20,11 +21,23 @@ from sdpo.loss import (aggregate, divergence_per_token, off_policy_is_weights, p
 
 @dataclass
 class Totals:
-    """Batch-wide normalizers, so every micro-batch and rank adds its exact share of the loss."""
+    """Batch-wide normalizers, so every micro-batch and rank adds its exact share of the loss.
+
+    "Batch" is what one optimizer step learns from: the generation batch, or one of its
+    mini-batches (optimizer.mini_batches_per_batch)."""
 
     sequences: int  # all sequences of the batch
     sd_tokens: int  # response tokens of sequences with a teacher signal (sd_mask = 1)
     all_tokens: int  # all response tokens
+    routed_tokens: int = 0  # objective=routed: tokens of successes plus of failures with a teacher signal
+
+    @classmethod
+    def of(cls, samples: list) -> "Totals":
+        """The normalizers of a list of ``TrainSample``s (sd_mask, success, response_ids)."""
+        return cls(sequences=len(samples),
+                   sd_tokens=sum(len(s.response_ids) for s in samples if s.sd_mask),
+                   all_tokens=sum(len(s.response_ids) for s in samples),
+                   routed_tokens=sum(len(s.response_ids) for s in samples if s.success or s.sd_mask))
 
 
 @dataclass
@@ -49,6 +62,17 @@ class Scores:
         return chunked_divergence(self.hidden, teacher.hidden, self.weight, teacher.weight, alpha=cfg.alpha, topk=cfg.topk,
                                   add_tail=cfg.add_tail, chunk_tokens=self.chunk_tokens).per_token
 
+    def tempered(self, temperature: float) -> "Scores":
+        """The scores of the distribution the engine sampled from: logits / temperature (SPEC §4).
+        For hidden states, h / T gives (h / T) W^T = logits / T, and gradients follow through it."""
+        if temperature <= 0:
+            raise ValueError(f"the sampling temperature must be > 0 to train on, got {temperature}")
+        if temperature == 1.0:
+            return self
+        if self.logits is not None:
+            return Scores(logits=self.logits / temperature)
+        return Scores(hidden=self.hidden / temperature, weight=self.weight, chunk_tokens=self.chunk_tokens)
+
     @torch.no_grad()
     def entropy(self) -> Tensor:
         if self.logits is not None:
@@ -63,6 +87,7 @@ class MicroBatch:
     rollout_logp: Tensor  # (N,) the engine's log-prob of each sampled token
     sd_mask: Tensor  # (S,) 1 where the sample has a teacher signal
     advantage: Tensor  # (S,) group-relative reward, for policy-gradient objectives
+    success: Tensor | None = None  # (S,) 1 where the sample succeeded; needed by objective=routed
 
 
 def micro_batch_loss(
@@ -85,7 +110,10 @@ def micro_batch_loss(
     loss = student_logp.new_zeros((), dtype=torch.float32)
     stats = {"logp_gap_abs": (old - mb.rollout_logp).abs().sum().item(), "is_weight": tis.sum().item()}
 
-    if cfg.objective in ("sdpo", "hybrid"):
+    routed = cfg.objective == "routed"
+    if routed and mb.success is None:
+        raise ValueError("loss.objective=routed needs each sample's success flag (MicroBatch.success)")
+    if cfg.objective in ("sdpo", "hybrid", "routed"):
         if cfg.full_logit_distillation:
             per_token = student.divergence(teacher, cfg)
         else:
@@ -98,17 +126,20 @@ def micro_batch_loss(
             weight = weight * off_policy_is_weights(student_logp, old, cfg.is_clip)
         if token_mask is not None:
             weight = weight * token_mask
-        sd = aggregate(per_token, weight, mb.seq_index, mb.sd_mask, mode=cfg.aggregation,
-                       total_sequences=totals.sequences, total_tokens=totals.sd_tokens)
+        # routed: only the failures distil; both terms share one token normalizer, so that with
+        # token_mean the two are one mean over every token that gets a gradient.
+        sd_mask = mb.sd_mask * (1 - mb.success.to(mb.sd_mask.dtype)) if routed else mb.sd_mask
+        sd = aggregate(per_token, weight, mb.seq_index, sd_mask, mode=cfg.aggregation,
+                       total_sequences=totals.sequences, total_tokens=totals.routed_tokens if routed else totals.sd_tokens)
         loss = loss + sd
         stats["sd_loss"] = sd.item()
 
-    if cfg.objective in ("grpo", "hybrid"):
+    if cfg.objective in ("grpo", "hybrid", "routed"):
         advantage = mb.advantage.to(student_logp.dtype)[mb.seq_index]
         per_token = ppo_clip_per_token(student_logp, old, advantage, eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high)
-        everyone = torch.ones_like(mb.sd_mask)
-        pg = aggregate(per_token, tis, mb.seq_index, everyone, mode=cfg.aggregation,
-                       total_sequences=totals.sequences, total_tokens=totals.all_tokens)
+        pg_mask = mb.success.to(mb.sd_mask.dtype) if routed else torch.ones_like(mb.sd_mask)
+        pg = aggregate(per_token, tis, mb.seq_index, pg_mask, mode=cfg.aggregation,
+                       total_sequences=totals.sequences, total_tokens=totals.routed_tokens if routed else totals.all_tokens)
         loss = loss + (cfg.pg_weight if cfg.objective == "hybrid" else 1.0) * pg
         stats["pg_loss"] = pg.item()
         log_ratio = (student_logp - old).detach()

@@ -81,11 +81,16 @@ class LearnerWorker:
         return teacher.eval()
 
     def _scores(self, model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]]) -> Scores:
+        """Scores of the distribution the engine sampled from: the logits divided by
+        rollout.temperature, as the engines' log-probs are (sdpo/rollout/base.py), for student and
+        teacher alike (the authors' code and TRL do the same)."""
         chunk = self.cfg.loss.chunk_tokens
         if not chunk:
-            return Scores(logits=response_logits(model, prompts, responses, self.device, self.packed))
-        hidden = response_hidden(model, prompts, responses, self.device, self.packed)
-        return Scores(hidden=hidden, weight=lm_head_weight(model, hidden.dtype), chunk_tokens=chunk)
+            scores = Scores(logits=response_logits(model, prompts, responses, self.device, self.packed))
+        else:
+            hidden = response_hidden(model, prompts, responses, self.device, self.packed)
+            scores = Scores(hidden=hidden, weight=lm_head_weight(model, hidden.dtype), chunk_tokens=chunk)
+        return scores.tempered(self.cfg.rollout.temperature)
 
     @torch.no_grad()
     def _teacher_scores(self, prompts: list[list[int]], responses: list[list[int]]) -> Scores | None:
@@ -108,33 +113,48 @@ class LearnerWorker:
         return scores
 
     def train_step(self, micros: list[list[TrainSample]], totals: Totals) -> dict[str, float]:
-        """``updates_per_batch`` optimizer steps on this rank's share of the batch, already cut into
-        micro-batches (as many on every rank); returns sums (and last-update scalars) for the
-        driver to combine over ranks."""
+        """``train_batch`` of a batch that is one mini-batch."""
+        return self.train_batch([(micros, totals)])
+
+    def train_batch(self, minis: list[tuple[list[list[TrainSample]], Totals]]) -> dict[str, float]:
+        """One generation batch: ``updates_per_batch`` passes over its mini-batches, one optimizer
+        step per mini-batch. ``minis`` holds this rank's share of each mini-batch, already cut into
+        micro-batches (as many on every rank), with that mini-batch's totals. Returns sums (and
+        last-step scalars) for the driver to combine over ranks."""
         cfg = self.cfg
         self.student.train()
-        masks = self._entropy_masks(micros) if cfg.loss.top_entropy_quantile < 1.0 else [None] * len(micros)
-        old_logps: list[torch.Tensor | None] = [None] * len(micros)
-        sums: dict[str, float] = {}
         updates = cfg.optimizer.updates_per_batch
-        for update in range(updates):
-            for m, micro in enumerate(micros):
-                responses = [s.response_ids for s in micro]
-                teacher = self._teacher_scores([s.teacher_prompt_ids for s in micro], responses)
-                student = self._scores(self.student, [s.prompt_ids for s in micro], responses)
-                mb = self._tensors(micro)
-                loss, stats = micro_batch_loss(cfg.loss, student, teacher, mb, old_logps[m], totals, masks[m])
-                if update == 0 and updates > 1:
-                    # Later updates measure how far the policy moved from these, the pre-update log-probs.
-                    with torch.no_grad():
-                        old_logps[m] = student.token_logprobs(mb.sampled)
-                # `micro_batch_loss` divides by batch-wide totals; FSDP averages gradients over
-                # ranks, so scaling by the world size makes the result a sum over ranks.
-                (loss * self.world_size).backward()
-                stats.update(loss=loss.item(), tokens=float(mb.sampled.numel()))
-                for key, value in stats.items():
-                    sums[key] = sums.get(key, 0.0) + value / updates
-            sums.update(self._optimizer_step())
+        steps = updates * len(minis)
+        # Every mini-batch's entropy mask and, past the first step, its off-policy baseline come from
+        # the policy before this batch's first step (the rollout policy), as in the authors' code.
+        # The first mini-batch's baseline is its own first forward, so it needs no extra pass.
+        pre = [self._pre_pass(micros, logps=steps > 1 and j > 0) for j, (micros, _) in enumerate(minis)]
+        sums: dict[str, float] = {}
+        stepped = False
+        for _ in range(updates):
+            for (micros, totals), (masks, old_logps) in zip(minis, pre):
+                for m, micro in enumerate(micros):
+                    responses = [s.response_ids for s in micro]
+                    teacher = self._teacher_scores([s.teacher_prompt_ids for s in micro], responses)
+                    student = self._scores(self.student, [s.prompt_ids for s in micro], responses)
+                    mb = self._tensors(micro)
+                    loss, stats = micro_batch_loss(cfg.loss, student, teacher, mb, old_logps[m], totals, masks[m])
+                    if old_logps[m] is None and steps > 1:
+                        # Later steps measure how far the policy moved from these, the pre-update log-probs.
+                        with torch.no_grad():
+                            old_logps[m] = student.token_logprobs(mb.sampled)
+                    # `micro_batch_loss` divides by batch-wide totals; FSDP averages gradients over
+                    # ranks, so scaling by the world size makes the result a sum over ranks.
+                    (loss * self.world_size).backward()
+                    stats.update(loss=loss.item(), tokens=float(mb.sampled.numel()))
+                    for key, value in stats.items():
+                        # Losses: the mean over optimizer steps. Token sums: per pass over the batch.
+                        sums[key] = sums.get(key, 0.0) + value / (steps if key in _PER_STEP else updates)
+                step_stats = self._optimizer_step()
+                stepped = stepped or not step_stats["skipped_step"]
+                sums.update(step_stats)
+        if cfg.teacher.update_every == "batch" and stepped:
+            self._update_teacher()
         return sums
 
     def _tensors(self, micro: list[TrainSample]) -> MicroBatch:
@@ -145,17 +165,27 @@ class LearnerWorker:
             rollout_logp=torch.tensor([lp for s in micro for lp in s.rollout_logprobs], device=self.device),
             sd_mask=torch.tensor([s.sd_mask for s in micro], dtype=torch.float32, device=self.device),
             advantage=torch.tensor([s.advantage for s in micro], dtype=torch.float32, device=self.device),
+            success=torch.tensor([s.success for s in micro], dtype=torch.float32, device=self.device),
         )
 
     @torch.no_grad()
-    def _entropy_masks(self, micros: list[list[TrainSample]]) -> list[torch.Tensor]:
-        """Masks keeping the response tokens whose student entropy is in the batch's top
-        ``top_entropy_quantile``: one no-grad pass, entropies gathered over all ranks so that the
-        threshold is the whole batch's, however it is split."""
-        entropies = [self._scores(self.student, [s.prompt_ids for s in micro], [s.response_ids for s in micro]).entropy()
-                     for micro in micros]
-        threshold = gather_entropy_threshold(torch.cat(entropies), self.cfg.loss.top_entropy_quantile)
-        return [top_entropy_mask(e, threshold) for e in entropies]
+    def _pre_pass(self, micros: list[list[TrainSample]], logps: bool) -> tuple[list, list]:
+        """Per micro-batch: the mask keeping the response tokens whose student entropy is in the
+        (mini-)batch's top ``top_entropy_quantile`` (entropies gathered over all ranks, so the
+        threshold is the whole batch's however it is split), and, with ``logps``, the student's
+        log-prob of each sampled token. One no-grad forward each, and none when neither is needed."""
+        quantile = self.cfg.loss.top_entropy_quantile
+        if quantile == 1.0 and not logps:
+            return [None] * len(micros), [None] * len(micros)
+        entropies, old = [], []
+        for micro in micros:
+            scores = self._scores(self.student, [s.prompt_ids for s in micro], [s.response_ids for s in micro])
+            entropies.append(scores.entropy() if quantile < 1.0 else None)
+            old.append(scores.token_logprobs(self._tensors(micro).sampled) if logps else None)
+        if quantile == 1.0:
+            return [None] * len(micros), old
+        threshold = gather_entropy_threshold(torch.cat(entropies), quantile)
+        return [top_entropy_mask(e, threshold) for e in entropies], old
 
     def _optimizer_step(self) -> dict[str, float]:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.cfg.optimizer.grad_clip)
@@ -163,20 +193,51 @@ class LearnerWorker:
         finite = math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
-            self._update_teacher()
+            if self.cfg.teacher.update_every == "optimizer_step":
+                self._update_teacher()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return {"grad_norm": grad_norm, "skipped_step": float(not finite), "lr": self.scheduler.get_last_lr()[0]}
 
     @torch.no_grad()
     def _update_teacher(self) -> None:
-        if self.teacher is None or self.cfg.teacher.kind != "ema":
+        if self.teacher is None or self.cfg.teacher.kind != "ema" or self._teacher_frozen:
             return  # frozen, trust_region and checkpoint teachers keep their weights; live has none
         rate = self.cfg.teacher.update_rate
         for t, s in zip(self.teacher.parameters(), self.student.parameters()):
             t_local = t.to_local() if isinstance(t, DTensor) else t
             s_local = s.to_local() if isinstance(s, DTensor) else s
             t_local.lerp_(s_local.to(t_local.device), rate)  # an offloaded teacher keeps its shard in host memory
+
+    # ---- the teacher guard's hands (sdpo/teacher_guard.py decides; each rank acts on its own shards,
+    # so none of these is a collective)
+
+    _teacher_frozen = False
+    _teacher_copy: list[torch.Tensor] | None = None
+
+    def _teacher_shards(self) -> list[torch.Tensor]:
+        if self.teacher is None or self.cfg.teacher.kind != "ema":
+            raise ValueError(f"the teacher guard acts on an EMA teacher; teacher.kind={self.cfg.teacher.kind!r} "
+                             f"with loss.objective={self.cfg.loss.objective!r} has none")
+        return [t.to_local() if isinstance(t, DTensor) else t for t in self.teacher.parameters()]
+
+    def freeze_teacher(self) -> None:
+        """Stop the EMA updates for the rest of this learner group's life."""
+        self._teacher_shards()
+        self._teacher_frozen = True
+
+    @torch.no_grad()
+    def snapshot_teacher(self) -> None:
+        """Keep a host-memory copy of this rank's teacher shards: the last good teacher."""
+        self._teacher_copy = [t.detach().to("cpu", copy=True) for t in self._teacher_shards()]
+
+    @torch.no_grad()
+    def reset_teacher(self) -> None:
+        """Put the last snapshot back (the EMA then goes on from it)."""
+        if self._teacher_copy is None:
+            raise RuntimeError("reset_teacher before any snapshot_teacher: there is no good teacher to go back to")
+        for t, saved in zip(self._teacher_shards(), self._teacher_copy):
+            t.copy_(saved.to(t.device))
 
     def export_weights(self, directory: str, version: int, teacher: bool = False) -> str | None:
         """Full student (or teacher) weights as one file. Every rank joins the gather; rank 0 writes."""
@@ -245,6 +306,9 @@ class LearnerWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+_PER_STEP = {"loss", "sd_loss", "pg_loss"}  # each step's value is already a mean over its batch
 
 
 def _node_ip() -> str:
