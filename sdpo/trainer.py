@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from environments import Task, load_environment
 from sdpo.batch import build_batch
-from sdpo.chat import chat_ids
+from sdpo.chat import bind_template_kwargs, chat_ids
 from sdpo.checkpoint import Checkpoints, size_bytes, step_of, truncate_metrics
 from sdpo.cluster import colocated_placement_group, start_ray
 from sdpo.config import Config
@@ -36,7 +36,7 @@ def train(cfg: Config, environment: tuple | None = None) -> dict[str, dict[str, 
     train_tasks, held_out = split_tasks[cfg.environment.train_split], split_tasks[cfg.environment.eval_split]
     eval_tasks, probe_tasks = held_out[: cfg.eval.max_tasks], held_out[: cfg.eval.teacher_probe_tasks]
     model_path = resolve_model_path(cfg.model.path)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = bind_template_kwargs(load_tokenizer(model_path), cfg.model.chat_template_kwargs)
     stops = stop_token_ids(model_path, tokenizer)
     run_dir = make_run_dir(cfg)
     checkpoints = Checkpoints(cfg, run_dir)
