@@ -38,7 +38,9 @@ def read_local(path: Path) -> list[dict[str, Any]]:
 
         return pq.read_table(path).to_pylist()
     text = path.read_text()
-    if path.suffix == ".jsonl":
+    # A .json that starts with an object is JSON lines: what `datasets`' to_json writes (the SDPO
+    # authors' datasets/*/train.json, for one).
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and text.lstrip().startswith("{") and "\n" in text.strip()):
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
