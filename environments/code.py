@@ -178,6 +178,10 @@ class Code(Environment):
         self._decoded_lock = threading.Lock()  # verify runs on several threads of one worker
 
     def tasks(self, split: str) -> list[Task]:
+        if self.dataset.startswith("livecodebench/"):
+            raise ValueError(f"dataset {self.dataset!r} is a loading script on the hub, which `datasets` 4 refuses; "
+                             "run `python -m sdpo.data prepare livecodebench_v6 --out DIR` (its data files at a "
+                             "pinned revision) and set dataset: DIR/{split}.jsonl")
         rows = load_rows(self.dataset, self.splits.get(split, split), config=self.config, sample="code_sample.jsonl",
                          limit=self.limit)
         return [self.task_from_row(row, f"{split}-{i}") for i, row in enumerate(rows)]

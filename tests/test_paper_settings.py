@@ -156,6 +156,11 @@ def test_livecodebench_judge_runs_list_annotations_and_splits_the_tests(prepared
     assert env.verify(test["abc400_a"], "```python\nprint(2 * int(input()))\n```").reward == 1.0
 
 
+def test_livecodebench_hub_script_is_refused_with_the_prepare_command():
+    with pytest.raises(ValueError, match="python -m sdpo.data prepare livecodebench_v6"):
+        Code(dataset="livecodebench/code_generation_lite", config="release_v6").tasks("test")
+
+
 def test_program_source_keeps_future_imports_first_and_reports_the_solutions_line_numbers():
     source = program_source('"""doc"""\nfrom __future__ import division\nx = 1\n')
     first, rest = source.split("\n", 1)
