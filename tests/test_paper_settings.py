@@ -229,6 +229,28 @@ def test_tooluse_reads_the_authors_files_directly():
     assert task.id == "4046" and env.verify(task, call("findPetsByStatus", {"status": "sold"})).reward == 1.0
 
 
+def test_prepare_drops_overlong_prompts_as_the_authors_loader_does(tmp_path):
+    from sdpo.chat import chat_ids
+    from sdpo.tiny.tokenizer import build_tokenizer
+
+    budget = 1000  # the fixture's tool-use prompts are 914..1149 tiny-tokenizer tokens
+    run = subprocess.run([sys.executable, "-m", "sdpo.data", "prepare", "tooluse", "--out", str(tmp_path), "--source",
+                          str(SOURCES["tooluse"]), "--tokenizer", "tiny-arithmetic", "--max-prompt-tokens", str(budget)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    tok = build_tokenizer()
+    authors = {split: rows(SOURCES["tooluse"] / f"{split}.json") for split in ("train", "test")}
+    for split, raw in authors.items():
+        kept = [r["id"] for r in rows(tmp_path / f"{split}.jsonl")]
+        short = [str(r["idx"]) for r in raw if len(chat_ids(tok, [{"role": "user", "content": r["prompt"]}])) <= budget]
+        assert kept == short and 0 < len(kept) < len(raw), (split, kept)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["overlong_filter"]["max_prompt_tokens"] == budget
+    bad = subprocess.run([sys.executable, "-m", "sdpo.data", "prepare", "tooluse", "--out", str(tmp_path),
+                          "--max-prompt-tokens", "10"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--tokenizer and --max-prompt-tokens go together" in bad.stderr
+
+
 # --- GSM8K -----------------------------------------------------------------------------------------
 
 def test_gsm8k_prepare_and_verify(prepared):
