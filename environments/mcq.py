@@ -57,13 +57,15 @@ def answer_key(row: dict[str, Any], where: str) -> str:
 
 class MCQ(Environment):
     """``dataset``: ``"sample"``, a local file, or a hub name (e.g. ``hicai-zju/SciKnowEval``);
-    ``domain`` / ``level`` keep only matching rows (SciKnowEval's ``domain`` and ``details.level``).
+    ``domain`` / ``level`` / ``types`` keep only matching rows (SciKnowEval's ``domain``,
+    ``details.level`` and ``type``, e.g. ``types: [mcq-4-choices, mcq-2-choices]``).
     Rows: ``question``, ``choices``, ``answerKey`` (or ``answer``), or prepared rows with
     ``messages`` and ``answer``."""
 
     def __init__(self, dataset: str = "sample", config: str | None = None, domain: str | None = None,
-                 level: str | None = None, limit_per_split: int | None = None, splits: dict[str, str] | None = None):
-        self.dataset, self.config, self.domain, self.level = dataset, config, domain, level
+                 level: str | None = None, limit_per_split: int | None = None, splits: dict[str, str] | None = None,
+                 types: list[str] | None = None):
+        self.dataset, self.config, self.domain, self.level, self.types = dataset, config, domain, level, types
         self.limit, self.splits = limit_per_split, splits or {}
 
     def tasks(self, split: str) -> list[Task]:
@@ -72,6 +74,8 @@ class MCQ(Environment):
             rows = [r for r in rows if str(r.get("domain", "")).lower() == self.domain.lower()]
         if self.level:
             rows = [r for r in rows if str((r.get("details") or {}).get("level", r.get("level", ""))) == self.level]
+        if self.types:
+            rows = [r for r in rows if r.get("type") in self.types]
         return [self.task_from_row(row, f"{split}-{i}") for i, row in enumerate(rows[: self.limit])]
 
     @staticmethod
@@ -88,7 +92,7 @@ class MCQ(Environment):
             messages = [{"role": "user", "content": f"{require(row, 'question', where)}\n\n{text}\n\n{INSTRUCTIONS}"}]
         if labels is not None and answer not in labels:
             raise ValueError(f"{where}: answer {answer!r} is not one of the options {labels} "
-                             "(a 'filling' or open question? keep only multiple-choice rows)")
+                             "(a 'filling' or open question? keep only multiple-choice rows, e.g. types: [mcq-4-choices, mcq-2-choices])")
         return Task(id=str(row.get("id", default_id)), messages=messages, data={"answer": answer},
                     demonstration=row.get("demonstration"))
 

@@ -103,6 +103,9 @@ def test_mcq_reads_answer_key_before_the_empty_answer_field_of_raw_rows():
     env = MCQ(dataset=str(SOURCES["sciknoweval_chemistry"]), domain="Chemistry", level="L3")
     with pytest.raises(ValueError, match="not one of the options"):
         env.tasks("test")  # the L3 "filling" row has no options: refused, not silently scored
+    mcq_only = MCQ(dataset=str(SOURCES["sciknoweval_chemistry"]), domain="Chemistry", level="L3",
+                   types=["mcq-4-choices", "mcq-2-choices"])
+    assert [t.data["answer"] for t in mcq_only.tasks("test")] == ["A", "C", "A", "B"]
     rows_ = [r for r in rows(SOURCES["sciknoweval_chemistry"]) if r["type"].startswith("mcq")]
     task = MCQ.task_from_row(rows_[1], "x")  # answerKey "C", answer ""
     assert task.data["answer"] == "C"
