@@ -1,3 +1,4 @@
 from environments.base import Environment, Task, Verdict, load_environment
+from environments.loaders import PREPARERS, prepare_dataset  # python -m sdpo.data prepare
 
-__all__ = ["Environment", "Task", "Verdict", "load_environment"]
+__all__ = ["PREPARERS", "Environment", "Task", "Verdict", "load_environment", "prepare_dataset"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 
+from environments.answers import strip_thinking
 from environments.base import Environment, Task, Verdict
 
 HELD_OUT_PAIRS = 300
@@ -47,8 +48,8 @@ class Arithmetic(Environment):
 
     def verify(self, task: Task, completion: str) -> Verdict:
         expected = task.data["answer"]
-        got = completion.strip()
-        if got == expected:
+        got = strip_thinking(completion).strip()  # thinking is never judged (environments/answers.py)
+        if got and got == expected:
             return Verdict(reward=1.0)
         if not self.feedback:
             return Verdict(reward=0.0)

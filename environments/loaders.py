@@ -38,7 +38,9 @@ def read_local(path: Path) -> list[dict[str, Any]]:
 
         return pq.read_table(path).to_pylist()
     text = path.read_text()
-    if path.suffix == ".jsonl":
+    # A .json that starts with an object is JSON lines: what `datasets`' to_json writes (the SDPO
+    # authors' datasets/*/train.json, for one).
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and text.lstrip().startswith("{") and "\n" in text.strip()):
         rows = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
@@ -74,3 +76,25 @@ def require(row: dict[str, Any], key: str, where: str) -> Any:
     if key not in row:
         raise ValueError(f"{where}: row has no {key!r} field (fields: {sorted(row)})")
     return row[key]
+
+
+# The paper's datasets, prepared as the SDPO authors prepared them (environments/prepare/): name ->
+# "module:function". `python -m sdpo.data prepare NAME --out DIR` reaches them only through here.
+PREPARERS = {
+    "sciknoweval_chemistry": "environments.prepare.sciknoweval:prepare",
+    "livecodebench_v6": "environments.prepare.livecodebench:prepare",
+    "tooluse": "environments.prepare.tooluse:prepare",
+    "gsm8k": "environments.prepare.gsm8k:prepare",
+}
+
+
+def prepare_dataset(name: str, out_dir: str | Path, source: str | None = None, revision: str | None = None) -> dict[str, int]:
+    """Writes ``out_dir``/train.jsonl and test.jsonl (and manifest.json) for dataset ``name``;
+    returns the rows written per split. ``source``: local files or a hub name instead of the default."""
+    import importlib
+
+    if name not in PREPARERS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(sorted(PREPARERS))}")
+    module_name, _, function = PREPARERS[name].partition(":")
+    prepare = getattr(importlib.import_module(module_name), function)
+    return prepare(Path(out_dir), source=source, revision=revision)

@@ -1,6 +1,10 @@
 """Math with a final answer (GSM8K / MATH style): the answer is the last ``\\boxed{...}`` or
 ``<answer>...</answer>`` of the completion, checked for mathematical equivalence with math-verify
 (LaTeX, fractions, decimals, sets, intervals). Feedback is optional and off by default (SPEC §7).
+Thinking is never judged and an empty answer (``\\boxed{}``) never earns reward (environments/answers.py).
+
+Rows prepared by ``python -m sdpo.data prepare gsm8k`` carry the authors' prompt (``messages``) and
+the final number (``answer``) and are used as they are.
 """
 
 from __future__ import annotations
@@ -8,6 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from environments.answers import answer_or_none, strip_thinking
 from environments.base import Environment, Task, Verdict
 from environments.loaders import load_rows, require
 
@@ -29,11 +34,13 @@ def last_boxed(text: str) -> str | None:
 
 
 def extract_answer(completion: str) -> str | None:
-    boxed = last_boxed(completion)
+    """The last box (else the last ``<answer>`` tag) outside thinking; None when missing or empty."""
+    text = strip_thinking(completion)
+    boxed = last_boxed(text)
     if boxed is not None:
-        return boxed
-    tags = _ANSWER_TAG.findall(completion)
-    return tags[-1].strip() if tags else None
+        return answer_or_none(boxed)
+    tags = _ANSWER_TAG.findall(text)
+    return answer_or_none(tags[-1]) if tags else None
 
 
 def equivalent(answer: str, gold: str) -> bool:
@@ -50,7 +57,10 @@ def equivalent(answer: str, gold: str) -> bool:
 
 def gsm8k_answer(solution: str) -> str:
     # GSM8K solutions end with "#### 42"; commas are thousands separators.
-    return solution.rsplit("####", 1)[-1].strip().replace(",", "")
+    answer = solution.rsplit("####", 1)[-1].strip().replace(",", "")
+    if not answer:
+        raise ValueError(f"GSM8K solution has nothing after '####': {solution[-80:]!r}")
+    return answer
 
 
 class Math(Environment):
@@ -71,17 +81,20 @@ class Math(Environment):
     def task_from_row(row: dict[str, Any], default_id: str) -> Task:
         where = f"math dataset row {default_id}"
         problem = row.get("problem", row.get("question"))
-        if problem is None:
+        if problem is None and "messages" not in row:
             raise ValueError(f"{where}: no 'problem' (or 'question') field (fields: {sorted(row)})")
         if "answer" in row:
             answer = str(row["answer"])
-            answer = gsm8k_answer(answer) if "####" in answer else answer
+            answer = gsm8k_answer(answer) if "####" in answer else answer.strip()
+            if not answer:
+                raise ValueError(f"{where}: 'answer' is empty")
         else:
             answer = last_boxed(str(require(row, "solution", where)))
             if answer is None:
                 raise ValueError(f"{where}: no 'answer' field and no \\boxed{{}} in 'solution'")
-        return Task(id=str(row.get("id", row.get("unique_id", default_id))),
-                    messages=[{"role": "user", "content": f"{problem}\n\n{INSTRUCTIONS}"}],
+        messages = ([dict(m) for m in row["messages"]] if "messages" in row
+                    else [{"role": "user", "content": f"{problem}\n\n{INSTRUCTIONS}"}])
+        return Task(id=str(row.get("id", row.get("unique_id", default_id))), messages=messages,
                     data={"answer": answer}, demonstration=row.get("demonstration"))
 
     def verify(self, task: Task, completion: str) -> Verdict:

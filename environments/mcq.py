@@ -1,6 +1,17 @@
 """Science multiple choice, SciKnowEval style (SPEC section 7): the answer letter goes in
-``<answer>X</answer>``; reward 1 iff the last such tag holds exactly the right letter; no feedback
-(the paper's setting: the teacher learns only from successful siblings)."""
+``<answer>X</answer>``; reward 1 iff the last such tag, outside any thinking, holds exactly the right
+letter; no feedback (the paper's setting: the teacher learns only from successful siblings).
+
+The right letter is SciKnowEval's ``answerKey``. Its rows also carry ``answer``, which is empty on
+multiple-choice rows (it holds the text answer of the "filling" and generation tasks), so reading
+``answer`` first would pay an empty ``<answer></answer>`` and score the right letter 0; the key is
+read first, an empty key falls back to ``answer``, and a row with neither, or with a key that is not
+one of its options, is refused at load time.
+
+Rows prepared by ``python -m sdpo.data prepare sciknoweval_chemistry`` carry the authors' chat
+(``messages``: their system prompt, the question with "A: text" options and "Please reason step by
+step.") and are used as they are; other rows get this module's prompt.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +19,7 @@ import re
 import string
 from typing import Any
 
+from environments.answers import answer_or_none, strip_thinking
 from environments.base import Environment, Task, Verdict
 from environments.loaders import load_rows, require
 
@@ -16,8 +28,9 @@ INSTRUCTIONS = "Think about the question, then give the letter of the correct op
 
 
 def extract_answer(completion: str) -> str | None:
-    found = _ANSWER.findall(completion)
-    return found[-1].strip() if found else None
+    """The last ``<answer>`` outside thinking, stripped; None when there is none or it is empty."""
+    found = _ANSWER.findall(strip_thinking(completion))
+    return answer_or_none(found[-1]) if found else None
 
 
 def options_of(row: dict[str, Any], where: str) -> list[tuple[str, str]]:
@@ -32,14 +45,27 @@ def options_of(row: dict[str, Any], where: str) -> list[tuple[str, str]]:
     return list(zip(string.ascii_uppercase, choices))
 
 
+def answer_key(row: dict[str, Any], where: str) -> str:
+    """The right letter: ``answerKey`` when set, else ``answer``; never empty."""
+    for key in ("answerKey", "answer"):
+        value = row.get(key)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    raise ValueError(f"{where}: no answer letter ('answerKey' and 'answer' are both missing or empty; "
+                     f"fields: {sorted(row)})")
+
+
 class MCQ(Environment):
     """``dataset``: ``"sample"``, a local file, or a hub name (e.g. ``hicai-zju/SciKnowEval``);
-    ``domain`` / ``level`` keep only matching rows (SciKnowEval's ``domain`` and ``details.level``).
-    Rows: ``question``, ``choices``, ``answer`` (or ``answerKey``)."""
+    ``domain`` / ``level`` / ``types`` keep only matching rows (SciKnowEval's ``domain``,
+    ``details.level`` and ``type``, e.g. ``types: [mcq-4-choices, mcq-2-choices]``).
+    Rows: ``question``, ``choices``, ``answerKey`` (or ``answer``), or prepared rows with
+    ``messages`` and ``answer``."""
 
     def __init__(self, dataset: str = "sample", config: str | None = None, domain: str | None = None,
-                 level: str | None = None, limit_per_split: int | None = None, splits: dict[str, str] | None = None):
-        self.dataset, self.config, self.domain, self.level = dataset, config, domain, level
+                 level: str | None = None, limit_per_split: int | None = None, splits: dict[str, str] | None = None,
+                 types: list[str] | None = None):
+        self.dataset, self.config, self.domain, self.level, self.types = dataset, config, domain, level, types
         self.limit, self.splits = limit_per_split, splits or {}
 
     def tasks(self, split: str) -> list[Task]:
@@ -48,18 +74,28 @@ class MCQ(Environment):
             rows = [r for r in rows if str(r.get("domain", "")).lower() == self.domain.lower()]
         if self.level:
             rows = [r for r in rows if str((r.get("details") or {}).get("level", r.get("level", ""))) == self.level]
-        tasks = []
-        for i, row in enumerate(rows[: self.limit]):
-            where = f"mcq dataset row {i}"
-            answer = row.get("answer", row.get("answerKey"))
-            if answer is None:
-                raise ValueError(f"{where}: no 'answer' (or 'answerKey') field (fields: {sorted(row)})")
-            options = "\n".join(f"{letter}. {text}" for letter, text in options_of(row, where))
-            content = f"{require(row, 'question', where)}\n\n{options}\n\n{INSTRUCTIONS}"
-            tasks.append(Task(id=str(row.get("id", f"{split}-{i}")), messages=[{"role": "user", "content": content}],
-                              data={"answer": str(answer).strip()}, demonstration=row.get("demonstration")))
-        return tasks
+        if self.types:
+            rows = [r for r in rows if r.get("type") in self.types]
+        return [self.task_from_row(row, f"{split}-{i}") for i, row in enumerate(rows[: self.limit])]
+
+    @staticmethod
+    def task_from_row(row: dict[str, Any], default_id: str) -> Task:
+        where = f"mcq dataset row {default_id}"
+        answer = answer_key(row, where)
+        if "messages" in row:
+            messages = [dict(m) for m in row["messages"]]
+            labels = row.get("labels")
+        else:
+            options = options_of(row, where)
+            labels = [letter for letter, _ in options]
+            text = "\n".join(f"{letter}. {text}" for letter, text in options)
+            messages = [{"role": "user", "content": f"{require(row, 'question', where)}\n\n{text}\n\n{INSTRUCTIONS}"}]
+        if labels is not None and answer not in labels:
+            raise ValueError(f"{where}: answer {answer!r} is not one of the options {labels} "
+                             "(a 'filling' or open question? keep only multiple-choice rows, e.g. types: [mcq-4-choices, mcq-2-choices])")
+        return Task(id=str(row.get("id", default_id)), messages=messages, data={"answer": answer},
+                    demonstration=row.get("demonstration"))
 
     def verify(self, task: Task, completion: str) -> Verdict:
         got = extract_answer(completion)
-        return Verdict(reward=float(got == task.data["answer"]), info={"extracted": got})
+        return Verdict(reward=float(got is not None and got == task.data["answer"]), info={"extracted": got})

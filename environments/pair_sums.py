@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 
+from environments.answers import strip_thinking
 from environments.base import Environment, Task, Verdict
 
 SPLIT_SEED = 4321  # fixed: the warm-start model and every run must agree on the held-out split
@@ -114,8 +115,9 @@ class PairSums(Environment):
 
     def verify(self, task: Task, completion: str) -> Verdict:
         expected = task.data["answer"]
-        if completion.strip() == expected:
+        answer = strip_thinking(completion)  # thinking is never judged (environments/answers.py)
+        if answer.strip() and answer.strip() == expected:
             return Verdict(reward=1.0)
         if not self.feedback:
             return Verdict(reward=0.0)
-        return Verdict(reward=0.0, feedback=feedback_text(completion, [int(x) for x in expected.split(" ")], self.reveal))
+        return Verdict(reward=0.0, feedback=feedback_text(answer, [int(x) for x in expected.split(" ")], self.reveal))

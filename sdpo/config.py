@@ -67,6 +67,16 @@ class ModelConfig(Section):
     # built locally on first use and cached. Anything else is a local directory or a hub name.
     path: str = "tiny-arithmetic"
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    # Extra arguments of the tokenizer's chat template, applied alike to student, teacher, eval and
+    # probe prompts (sdpo/chat.py), e.g. {enable_thinking: false} for Qwen3 as the paper's runs set it.
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _template_kwargs(self) -> "ModelConfig":
+        reserved = {"tokenize", "return_dict", "add_generation_prompt", "conversation", "messages"} & set(self.chat_template_kwargs)
+        if reserved:
+            raise ValueError(f"model.chat_template_kwargs may not set {sorted(reserved)}: the framework sets them")
+        return self
 
 
 class EnvironmentConfig(Section):

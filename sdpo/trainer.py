@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from environments import Task, Verdict, load_environment
 from sdpo.batch import TrainSample, build_batch
-from sdpo.chat import chat_ids
+from sdpo.chat import bind_template_kwargs, chat_ids
 from sdpo.checkpoint import Checkpoints, size_bytes, step_of, truncate_metrics
 from sdpo.cluster import colocated_placement_group, start_ray
 from sdpo.config import Config
@@ -117,7 +117,7 @@ class Run:
         self.train_tasks, held_out = split_tasks[cfg.environment.train_split], split_tasks[cfg.environment.eval_split]
         self.eval_tasks, self.probe_tasks = held_out[: cfg.eval.max_tasks], held_out[: cfg.eval.teacher_probe_tasks]
         self.model_path = resolve_model_path(cfg.model.path)
-        self.tokenizer = load_tokenizer(self.model_path)
+        self.tokenizer = bind_template_kwargs(load_tokenizer(self.model_path), cfg.model.chat_template_kwargs)
         self.stops = stop_token_ids(self.model_path, self.tokenizer)
         self.run_dir = make_run_dir(cfg)
         self.checkpoints = Checkpoints(cfg, self.run_dir)

@@ -89,7 +89,7 @@ def test_loaders_read_json_jsonl_and_parquet_files(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         load_rows(str(tmp_path / "missing.jsonl"), "train")
     (tmp_path / "noanswer.jsonl").write_text(json.dumps({"question": "q", "choices": ["a"]}))
-    with pytest.raises(ValueError, match="no 'answer'"):
+    with pytest.raises(ValueError, match="no answer letter"):
         MCQ(dataset=str(tmp_path / "noanswer.jsonl")).tasks("train")
 
 

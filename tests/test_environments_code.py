@@ -101,7 +101,9 @@ def test_livecodebench_rows_are_understood():
            "private_test_cases": json.dumps([{"input": "2 2\n", "output": "4\n", "testtype": "stdin"}]),
            "metadata": "{}"}
     task = ENV.task_from_row(row, "x")
-    assert task.id == "abc1" and task.data["kind"] == "stdin" and len(task.data["tests"]) == 2
+    # The private tests stay encoded in the task and are decoded when a completion is verified.
+    assert task.id == "abc1" and task.data["kind"] == "stdin" and len(task.data["tests"]) == 1
+    assert ENV.tests_of(task) == [{"input": "1 2\n", "output": "3\n"}, {"input": "2 2\n", "output": "4\n"}]
     functional = from_livecodebench({**row, "public_test_cases": json.dumps([{"input": "1", "output": "1", "testtype": "functional"}]),
                                      "private_test_cases": "", "metadata": json.dumps({"func_name": "f"})})
     assert functional["kind"] == "call" and functional["fn_name"] == "f"
