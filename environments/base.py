@@ -11,6 +11,8 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import math
+import numbers
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -29,11 +31,51 @@ class Task:
     demonstration: str | None = None
 
 
+REWARD_RANGE = (0.0, 1.0)
+
+
 @dataclasses.dataclass
 class Verdict:
+    """What ``verify`` returns. ``reward`` is a finite number in [0, 1] (``teacher_context.success_threshold``
+    and the evaluation compare against it); ``feedback`` is text for the teacher or None; ``info`` is
+    free-form. A Verdict that breaks these rules raises ValueError where it is made, so the mistake
+    shows in the verifier that made it (the run counts it as a verifier failure)."""
+
     reward: float
     feedback: str | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problem = verdict_problem(self)
+        if problem:
+            raise ValueError(problem)
+        self.reward = float(self.reward)
+
+
+# The kinds of ``info["verifier_failure"]`` that mean the sample has no verdict at all (its verify()
+# raised, hung, died, or returned something that is not a valid Verdict): it scores 0 and gets no
+# teacher signal. ("group_hook": review_group failed, the per-sample verdicts stand.)
+NO_VERDICT = frozenset({"error", "timeout", "crash", "invalid"})
+
+
+def has_no_verdict(verdict: Verdict) -> bool:
+    return verdict.info.get("verifier_failure") in NO_VERDICT
+
+
+def verdict_problem(verdict: Any) -> str | None:
+    """Why ``verdict`` is not a valid Verdict, or None."""
+    if not isinstance(verdict, Verdict):
+        return f"verify() returned {type(verdict).__name__} ({verdict!r:.80}), expected a Verdict(reward, feedback, info)"
+    reward, low, high = verdict.reward, *REWARD_RANGE
+    if not isinstance(reward, numbers.Real):
+        return f"Verdict.reward must be a number in [{low:g}, {high:g}], got {type(reward).__name__} ({reward!r:.80})"
+    if not (math.isfinite(reward) and low <= reward <= high):
+        return f"Verdict.reward must be a finite number in [{low:g}, {high:g}], got {reward!r}"
+    if verdict.feedback is not None and not isinstance(verdict.feedback, str):
+        return f"Verdict.feedback must be a string or None, got {type(verdict.feedback).__name__} ({verdict.feedback!r:.80})"
+    if not isinstance(verdict.info, dict):
+        return f"Verdict.info must be a dict, got {type(verdict.info).__name__}"
+    return None
 
 
 class Environment:
@@ -72,6 +114,13 @@ def load_environment(import_path: str, kwargs: dict[str, Any] | None = None) -> 
         module = _import_file(module_name, import_path) if module_name.endswith(".py") else importlib.import_module(module_name)
     except ImportError as err:
         raise ValueError(f"environment.name={import_path!r}: cannot import {module_name!r}: {err}") from err
+    except SystemExit as err:  # a script's `sys.exit()` at module level: it would end the run silently
+        raise ValueError(f"environment.name={import_path!r}: importing {module_name!r} called sys.exit({err.code!r}); "
+                         "an environment module must not exit when imported (put script code under "
+                         "`if __name__ == '__main__':`)") from None
+    except Exception as err:  # a bug at module level: name the module, not just the exception
+        raise ValueError(f"environment.name={import_path!r}: importing {module_name!r} raised "
+                         f"{type(err).__name__}: {err}") from err
     cls = getattr(module, class_name, None)
     if cls is None:
         raise ValueError(f"environment.name={import_path!r}: module {module_name!r} has no {class_name!r}")

@@ -4,18 +4,24 @@
         learner/           torch.distributed.checkpoint shards: student, optimizer, EMA teacher
         rank0.pt ...       per-rank scheduler and RNG states
         driver.pt          step, prompt sampler, RNG, the held-out success before training
-        config.yaml        the run's config, for reference
+        config.yaml        the run's config: a resume checks its own against it
+        MANIFEST.json      every file's size (and SHA-256 up to 16 MiB), recorded at commit
         COMPLETE           written last: a directory without it is not a checkpoint
 
 Everything is written into ``.tmp-step_000040`` and renamed into place at the end, so a run
 killed while saving leaves either the whole checkpoint or none (the next save removes the debris).
+A checkpoint damaged afterwards (a shard truncated or deleted, a disk error) fails its manifest:
+the resume skips it, says why, and takes the newest one that verifies.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,11 +49,22 @@ class Checkpoints:
         return step == self.cfg.steps or bool(every and step % every == 0)
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, or None."""
+        """The newest complete checkpoint that verifies, or None. The ones skipped on the way are in
+        ``self.skipped`` as (path, why) and are reported on stderr once."""
+        self.skipped: list[tuple[Path, str]] = []
         if not self.root.is_dir():  # (also when something else sits at that path: save() will say so)
             return None
         found = [(int(m.group(1)), p) for p in self.root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "COMPLETE").exists()]
-        return max(found)[1] if found else None
+        for _, path in sorted(found, reverse=True):
+            problem = verify(path)
+            if problem is None:
+                return path
+            self.skipped.append((path, problem))
+            if path not in _REPORTED:
+                _REPORTED.add(path)
+                print(f"warning: checkpoint {path} is damaged and skipped: {problem}; trying an older one",
+                      file=sys.stderr)
+        return None
 
     def save(self, step: int, learners: Any, driver_state: dict[str, Any]) -> tuple[Path, float]:
         """Writes checkpoint ``step`` whole or not at all; returns its path and the seconds it took."""
@@ -60,6 +77,7 @@ class Checkpoints:
             learners.call("save_checkpoint", str(tmp))
             torch.save(driver_state, tmp / "driver.pt")
             (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+            write_manifest(tmp)
             (tmp / "COMPLETE").write_text(f"step {step}\n")
             _fsync_dir(tmp)
         except Exception as err:
@@ -88,6 +106,58 @@ class Checkpoints:
             shutil.rmtree(path, ignore_errors=True)
         for debris in self.root.glob(".tmp-step_*"):
             shutil.rmtree(debris, ignore_errors=True)
+
+
+_REPORTED: set[Path] = set()
+MANIFEST = "MANIFEST.json"
+HASHED_BYTES = 16 << 20  # hashing every shard of a large model would double a save's time: sizes only above this
+REQUIRED = ("driver.pt", "rank0.pt", "learner/.metadata")  # what a checkpoint from before manifests must hold
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with file.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    files = {}
+    for file in sorted(p for p in directory.rglob("*") if p.is_file() and p.name not in (MANIFEST, "COMPLETE")):
+        size = file.stat().st_size
+        files[file.relative_to(directory).as_posix()] = {"bytes": size, "sha256": _sha256(file) if size <= HASHED_BYTES else None}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify(directory: Path) -> str | None:
+    """Why the checkpoint at ``directory`` cannot be trusted, or None."""
+    manifest = directory / MANIFEST
+    if not manifest.is_file():  # written before manifests existed: the files a resume reads must be there
+        missing = [name for name in REQUIRED if not (directory / name).is_file()]
+        return f"it has no {', no '.join(missing)}" if missing else None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"its {MANIFEST} cannot be read ({err})"
+    for name, recorded in files.items():
+        file = directory / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != recorded["bytes"]:
+            return f"{name} has {size} bytes, {recorded['bytes']} were written"
+        if recorded.get("sha256") and _sha256(file) != recorded["sha256"]:
+            return f"{name} does not match the checksum recorded when it was written"
+    return None
+
+
+def recorded_config(directory: Path) -> dict[str, Any]:
+    """The config a checkpoint was taken with, as plain data (read without the schema, which may have
+    changed since)."""
+    import yaml
+
+    return yaml.safe_load((directory / "config.yaml").read_text()) or {}
 
 
 def step_of(checkpoint: Path | None) -> int:

@@ -6,6 +6,8 @@ recipe. Unknown keys and wrong types are errors that name the key. Units live in
 
 from __future__ import annotations
 
+import difflib
+import string
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,10 +32,41 @@ class TeacherContextConfig(Section):
     # Where demonstrations come from: successful siblings (SDPO), the task's offline
     # `demonstration` field (SDFT), or both (a sibling when there is one, else the dataset's).
     demonstration_source: Literal["rollouts", "dataset", "both"] = "rollouts"
-    max_teacher_prompt_tokens: int = Field(10240, gt=0)
+    # None: as many as the model's positions leave next to the response. A number is a cap of its
+    # own; either way a teacher prompt never runs past the model's positions.
+    max_teacher_prompt_tokens: int | None = Field(None, gt=0)
     # "left" drops the oldest tokens and so always keeps the assistant header the response is
     # scored after; "right" (what the reference code does) can cut that header off.
     teacher_truncation: Literal["left", "right", "error"] = "left"
+
+    @model_validator(mode="after")
+    def _templates(self) -> "TeacherContextConfig":
+        for key, allowed in TEMPLATE_FIELDS.items():
+            template_problem(f"teacher_context.{key}", getattr(self, key), allowed)
+        return self
+
+
+# The placeholders each template is filled with (sdpo/teacher_context.py); any other one would be a
+# KeyError in the first step that has a demonstration or feedback.
+TEMPLATE_FIELDS = {"reprompt_template": ("prompt", "solution", "feedback"),
+                   "solution_template": ("successful_previous_attempt",), "feedback_template": ("feedback_raw",)}
+
+
+def template_problem(key: str, template: str, allowed: tuple[str, ...]) -> None:
+    allowed_text = ", ".join("{%s}" % name for name in allowed)
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as err:  # a lone "{" or "}"
+        raise ValueError(f"{key}: {err}; write a literal brace as {{{{ or }}}} (placeholders: {allowed_text})") from None
+    for field in fields:
+        name = field.split(".")[0].split("[")[0]
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1, cutoff=0.6)
+            hint = f" (did you mean {{{close[0]}}}?)" if close else ""
+            raise ValueError(f"{key}: unknown placeholder {{{field}}}{hint}; the placeholders are {allowed_text} "
+                             "(write a literal brace as {{ or }})")
+        if field != name:
+            raise ValueError(f"{key}: placeholder {{{field}}}: only plain names are filled in ({allowed_text})")
 
 
 class LossConfig(Section):
@@ -87,6 +120,12 @@ class EnvironmentConfig(Section):
     workers: int = Field(1, ge=1)
     num_cpus_per_worker: float = Field(0.1, ge=0.0)
     timeout_s_per_call: float = Field(60.0, gt=0.0)  # one verify() call; past it the sample scores 0
+    # A verify() call that raises, hangs, dies or returns no valid Verdict scores 0 with no teacher
+    # signal. The run stops when that happens to every call of one round (a training step's rollouts,
+    # or one evaluation; 4 calls or more), or to more than this fraction of the calls of the last
+    # verifier_failure_window_rounds rounds. 1: never stop.
+    max_verifier_failure_frac: float = Field(0.5, ge=0.0, le=1.0)
+    verifier_failure_window_rounds: int = Field(5, ge=1)
 
 
 class RolloutConfig(Section):
@@ -160,7 +199,7 @@ class TeacherConfig(Section):
 
 class OptimizerConfig(Section):
     lr: float = Field(1e-5, gt=0.0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = (0.9, 0.999)  # each in [0, 1), as AdamW requires
     weight_decay: float = Field(0.01, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     warmup_steps: int = Field(10, ge=0)  # linear warm-up, then constant
@@ -168,6 +207,13 @@ class OptimizerConfig(Section):
     # Each pass splits the batch, in order, into this many disjoint mini-batches of whole prompt
     # groups, one optimizer step each: updates_per_batch * mini_batches_per_batch steps per batch.
     mini_batches_per_batch: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _betas_range(self) -> "OptimizerConfig":
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"optimizer.betas[{i}] must be in [0, 1), got {beta} (AdamW's default is [0.9, 0.999])")
+        return self
 
 
 class LearnerConfig(Section):
@@ -280,6 +326,13 @@ class Config(Section):
             # flash-attn kernels take fp16/bf16 only; learner.mixed_precision=no computes in fp32
             raise ValueError("model.attn_implementation=flash_attention_2 needs learner.mixed_precision=bf16 (flash-attn "
                              "rejects fp32 inputs); set learner.mixed_precision=bf16, or attn_implementation=sdpa/auto")
+        context = self.teacher_context
+        if (loss.objective == "sdpo" and self.rollout.samples_per_prompt == 1 and context.demonstration_source == "rollouts"
+                and not context.include_environment_feedback):
+            raise ValueError("rollout.samples_per_prompt=1 with loss.objective=sdpo: a sample has no sibling to learn "
+                             "from and teacher_context.include_environment_feedback=false, so the teacher never sees "
+                             "anything the student did not (loss 0 every step). Use samples_per_prompt >= 2, "
+                             "environment feedback, or dataset demonstrations (teacher_context.demonstration_source=dataset)")
         if self.device == "cpu":
             if self.model.attn_implementation == "flash_attention_2":
                 raise ValueError("model.attn_implementation=flash_attention_2 needs device=cuda; use sdpa or auto")

@@ -1,6 +1,10 @@
-"""Verification as a pool of Ray actors (CPU). A verifier that raises, hangs or dies scores 0 with
-feedback naming the failure (``info["verifier_failure"]`` says which, and the trainer counts them
-as ``verify/failures``); the run goes on.
+"""Verification as a pool of Ray actors (CPU). A verifier call that raises, hangs, dies or returns
+anything but a valid Verdict scores 0 with no feedback and no teacher signal (a verifier's failure
+is not something the student did, so it must never reach the teacher as "feedback");
+``info["verifier_failure"]`` says which failure and ``info["verifier_error"]`` the message. Each
+verification round that has failures prints one line, and a run whose verifier fails on every call
+of a round, or on more than ``environment.max_verifier_failure_frac`` of the calls of the last
+``environment.verifier_failure_window_rounds`` rounds, stops with ``VerifierFailing``.
 
 Work goes to the workers in contiguous chunks cut at group boundaries (all samples of one prompt
 stay on one worker), so that the environment's optional ``review_group`` hook sees whole groups.
@@ -11,6 +15,7 @@ Inside a worker up to ``Environment.max_concurrency`` calls run at once; each ha
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import os
 import threading
@@ -21,11 +26,21 @@ import ray
 
 from environments import Environment, Task, Verdict, load_environment
 from sdpo.cluster import start_actor
+from environments.base import has_no_verdict, verdict_problem
 from sdpo.config import EnvironmentConfig
 
 
-def failed(feedback: str, kind: str) -> Verdict:
-    return Verdict(reward=0.0, feedback=feedback, info={"verifier_failure": kind})
+# A round this small (a one-task evaluation) failing whole says little: the window decides instead.
+MIN_CALLS_TO_JUDGE_ONE_ROUND = 4
+
+
+class VerifierFailing(RuntimeError):
+    """The verifier failed on too many calls for the run to mean anything: every such sample scores 0
+    and teaches nothing, so going on would only look like a healthy run."""
+
+
+def failed(message: str, kind: str) -> Verdict:
+    return Verdict(reward=0.0, feedback=None, info={"verifier_failure": kind, "verifier_error": message})
 
 
 class EnvWorker:
@@ -74,7 +89,7 @@ class EnvWorker:
                     if results[i] is not None:
                         del running[i]
                     elif now - started >= timeout_s:
-                        results[i] = failed(f"Verifier timed out after {timeout_s:g} s.", "timeout")
+                        results[i] = failed(f"verify() timed out after {timeout_s:g} s (environment.timeout_s_per_call)", "timeout")
                         del running[i]
                 if running:
                     first_deadline = min(running.values()) + timeout_s
@@ -87,7 +102,7 @@ class EnvWorker:
                 try:
                     return _checked(await asyncio.wait_for(self.env.verify(tasks[i], completions[i]), timeout_s))
                 except asyncio.TimeoutError:
-                    return failed(f"Verifier timed out after {timeout_s:g} s.", "timeout")
+                    return failed(f"verify() timed out after {timeout_s:g} s (environment.timeout_s_per_call)", "timeout")
                 except Exception as err:  # noqa: BLE001
                     return _checked(err)
 
@@ -104,10 +119,16 @@ class EnvWorker:
         out: list[Verdict] = []
         for a, b in group_bounds(tasks, group_size):
             group = verdicts[a:b]
+            if any(has_no_verdict(v) for v in group):  # the hook cannot compare what was never scored
+                out += group
+                continue
             try:
                 reviewed = self.env.review_group(tasks[a], completions[a:b], group)
-                if len(reviewed) != b - a or not all(isinstance(v, Verdict) for v in reviewed):
+                if not isinstance(reviewed, (list, tuple)) or len(reviewed) != b - a:
                     raise TypeError(f"review_group must return {b - a} Verdicts, got {reviewed!r:.200}")
+                problems = [p for p in map(verdict_problem, reviewed) if p]
+                if problems:
+                    raise TypeError(f"review_group returned an invalid verdict: {problems[0]}")
             except Exception as err:  # noqa: BLE001 -- keep the per-sample verdicts, flag the failure
                 reviewed = [dataclass_replace_info(v, "group_hook", f"{type(err).__name__}: {err}") for v in group]
             out += reviewed
@@ -118,11 +139,10 @@ class EnvWorker:
 
 
 def _checked(outcome: Any) -> Verdict:
-    if isinstance(outcome, Verdict):
-        return outcome
     if isinstance(outcome, BaseException):
-        return failed(f"Verifier error: {type(outcome).__name__}: {outcome}", "error")
-    return failed(f"Verifier returned {type(outcome).__name__}, expected Verdict.", "error")
+        return failed(f"verify() raised {type(outcome).__name__}: {outcome}", "error")
+    problem = verdict_problem(outcome)  # also a Verdict changed after it was made (v.reward = nan)
+    return failed(problem, "invalid") if problem else outcome
 
 
 def dataclass_replace_info(verdict: Verdict, kind: str, message: str) -> Verdict:
@@ -179,7 +199,7 @@ class PendingVerdicts:
             try:
                 verdicts += ray.get(ref)
             except ray.exceptions.RayError as err:  # the worker process died; max_restarts revives it
-                verdicts += [failed(f"Verifier crashed: {type(err).__name__}.", "crash") for _ in range(b - a)]
+                verdicts += [failed(f"the verifier process died ({type(err).__name__})", "crash") for _ in range(b - a)]
                 self.pool.restarting.add(index)
         self.pool.count(verdicts)
         return verdicts
@@ -192,6 +212,7 @@ class EnvPool:
         self.workers = [start_actor(EnvWorker, (self.name, cfg.kwargs), num_cpus=cfg.num_cpus_per_worker, max_restarts=-1,
                                     max_task_retries=0) for _ in range(cfg.workers)]
         self.failures: dict[str, int] = {}
+        self.rounds: collections.deque = collections.deque(maxlen=cfg.verifier_failure_window_rounds)  # (failed, calls)
         self.restarting: set[int] = set()  # workers whose process died; wait for them before new work
 
     def _wait_for_restarts(self) -> None:
@@ -222,12 +243,44 @@ class EnvPool:
         return self.submit(tasks, completions, group_size).result()
 
     def count(self, verdicts: list[Verdict]) -> None:
+        """Counts this round's failures, prints them, and stops the run when the verifier is failing."""
+        kinds: dict[str, int] = {}
         for v in verdicts:
             kind = v.info.get("verifier_failure")
             if kind:
+                kinds[kind] = kinds.get(kind, 0) + 1
                 self.failures[kind] = self.failures.get(kind, 0) + 1
+        if not kinds:
+            self.rounds.append((0, len(verdicts)))
+            return
+        first = next(v.info.get("verifier_error", "") for v in sorted(verdicts, key=lambda v: not has_no_verdict(v))
+                     if v.info.get("verifier_failure"))
+        summary = ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items()))
+        _say(f"verifier: {sum(kinds.values())} of {len(verdicts)} calls failed ({summary}); first: {first:.300}")
+        void = sum(1 for v in verdicts if has_no_verdict(v))
+        self.rounds.append((void, len(verdicts)))
+        limit = self.cfg.max_verifier_failure_frac
+        if limit >= 1.0 or not void:
+            return
+        where = f"environment.name={self.cfg.name!r}"
+        advice = (f"fix the verifier ({where}), or raise environment.max_verifier_failure_frac (now {limit:g}; "
+                  "1 never stops)")
+        if void == len(verdicts) >= MIN_CALLS_TO_JUDGE_ONE_ROUND:
+            raise VerifierFailing(f"the verifier failed on all {void} calls of one round ({summary}); the first: "
+                                  f"{first:.300}. Every such sample scores 0 and teaches nothing: {advice}")
+        failed_calls, calls = map(sum, zip(*self.rounds))
+        if len(self.rounds) == self.rounds.maxlen and failed_calls > limit * calls:
+            raise VerifierFailing(f"the verifier failed on {failed_calls} of the {calls} calls of the last "
+                                  f"{len(self.rounds)} rounds (more than {limit:g}); the first of this round: "
+                                  f"{first:.300}. Such samples score 0 and teach nothing: {advice}")
 
     def shutdown(self) -> None:
         for w in self.workers:
             ray.kill(w)
         self.workers = []
+
+
+def _say(text: str) -> None:
+    from tqdm import tqdm  # through tqdm, so the line does not break the run's progress bar
+
+    tqdm.write(text)

@@ -95,8 +95,12 @@ def max_model_len(cfg: Config, max_positions: int | None = None) -> int:
                              f"{max_positions}")
         return r.max_model_len
     wanted = student
+    teacher_budget = cfg.teacher_context.max_teacher_prompt_tokens
     if cfg.eval.teacher_probe_every_steps:
-        wanted = max(wanted, cfg.teacher_context.max_teacher_prompt_tokens + r.max_response_tokens)
+        if teacher_budget is not None:
+            wanted = max(wanted, teacher_budget + r.max_response_tokens)
+        elif max_positions is not None:  # no budget of its own: a teacher prompt may use the model's whole context
+            wanted = max(wanted, max_positions)
     if max_positions is not None and wanted > max_positions:
         if student > max_positions:
             raise ValueError(f"rollout.max_prompt_tokens + rollout.max_response_tokens = {student} exceeds the model's "

@@ -7,8 +7,12 @@ instead of minutes later inside an actor (the table is in docs/bad_input.md)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import netrc
 import os
+import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,14 +24,25 @@ from sdpo.recipe import RecipeError, load_config, to_yaml
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one "error: ..." line and exit code 2, like every other mistake
+        hint = ""
+        if "unrecognized arguments: --" in message:
+            hint = "; settings are written without dashes, e.g. steps=5 loss.alpha=1.0 (the only flag is --dry-run)"
+        print(f"error: {message}{hint} (usage: python -m sdpo.run RECIPE.yaml [dotted.key=value ...] [--dry-run])",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sdpo.run", description="Train a language model with SDPO.")
-    parser.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. steps=50 loss.alpha=1.0")
+    parser = _Parser(prog="python -m sdpo.run", description="Train a language model with SDPO.")
+    parser.add_argument("args", nargs="*", metavar="RECIPE.yaml [dotted.key=value ...]",
+                        help="a YAML recipe, e.g. recipes/quickstart.yaml, then overrides, e.g. steps=50 loss.alpha=1.0")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and actor placement, then exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # flags and overrides in any order
     try:
-        cfg = load_config(args.recipe, args.overrides)
+        recipe, overrides = split_recipe(args.args)
+        cfg = load_config(recipe, overrides)
         check_fits_locally(cfg)
         check_placement(cfg)  # GPU layouts that cannot work; derived engine settings that cannot hold
         engines = describe_engines(cfg, model_max_positions(cfg.model.path))
@@ -42,26 +57,39 @@ def main(argv: list[str] | None = None) -> int:
         print(engines)
         return 0
     from sdpo.checkpoint import CheckpointError
+    from sdpo.env_pool import VerifierFailing
     from sdpo.trainer import Interrupted, train
 
     try:
         train(cfg, environment)  # the environment and tasks the checks already read
-    except CheckpointError as err:
+    except (CheckpointError, VerifierFailing) as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
     except KeyboardInterrupt as err:  # Ctrl-C or SIGTERM: the trainer has cleaned up; one line, no traceback
-        hint = err.resume_hint(args.recipe, args.overrides) if isinstance(err, Interrupted) else "interrupted"
+        hint = err.resume_hint(recipe, overrides) if isinstance(err, Interrupted) else "interrupted"
         print(f"\n{hint}", file=sys.stderr)
         return 128 + getattr(err, "signum", 2)
     return 0
 
 
+def split_recipe(args: list[str]) -> tuple[str, list[str]]:
+    """The recipe is the one argument that is not ``key=value`` (or is an existing file), wherever it is."""
+    recipes = [a for a in args if "=" not in a or Path(a).is_file()]
+    if len(recipes) != 1:
+        found = f"got {len(recipes)}: {', '.join(map(repr, recipes))}" if recipes else "got none"
+        raise RecipeError(f"give one recipe file and then dotted.key=value overrides, e.g. "
+                          f"python -m sdpo.run recipes/quickstart.yaml steps=50 ({found})")
+    return recipes[0], [a for a in args if a is not recipes[0]]
+
+
 def preflight(cfg: Config) -> tuple:
-    """The checks that need the machine (files, packages, devices) but not Ray. Returns the
-    environment and its tasks by split, built and read here, for the trainer to use."""
+    """The checks that need the machine (files, packages, devices, the model's config, the data) but
+    not Ray. Returns the environment and its tasks by split, built and read here, for the trainer to
+    use. Warnings are printed only when every check passed, so an error stays the only line."""
     from sdpo.metrics import require_tensorboard
     from sdpo.models import check_model_path
 
+    warnings: list[str] = []
     check_gpus_locally(cfg)
     check_model_path(cfg.model.path)
     if cfg.teacher.path is not None:
@@ -69,7 +97,18 @@ def preflight(cfg: Config) -> tuple:
     check_run_dir(cfg.logging.run_dir, cfg.name)
     if cfg.logging.tensorboard:
         require_tensorboard()
-    return check_environment(cfg.environment)
+    check_ray_address(cfg)
+    warnings += check_wandb(cfg)
+    environment = check_environment(cfg.environment)
+    from sdpo.checks import check_model, check_prompt_lengths, check_resume, check_teacher_signal
+
+    facts = check_model(cfg)
+    warnings += check_prompt_lengths(cfg, environment[1], facts)
+    warnings += check_teacher_signal(cfg, *environment)
+    warnings += check_resume(cfg, environment[1])
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    return environment
 
 
 def check_gpus_locally(cfg: Config) -> None:
@@ -98,6 +137,93 @@ def check_run_dir(template: str, name: str) -> None:
         raise ValueError(f"logging.run_dir={template!r}: {existing} is a file, so {path} cannot be created")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"logging.run_dir={template!r}: {existing} is not writable")
+    # os.access says yes to /proc and /sys as root, and to read-only mounts: make (and remove) a directory.
+    try:
+        tempfile.TemporaryDirectory(dir=existing, prefix=".sdpo-probe-").cleanup()
+    except OSError as err:
+        raise ValueError(f"logging.run_dir={template!r}: a directory cannot be made in {existing} "
+                         f"({err.strerror or err}); give a path on a writable disk") from None
+
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+
+
+def check_ray_address(cfg: Config) -> None:
+    """A cluster address that does not answer makes ray.init wait for minutes: try it for a few seconds."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if not address or address in ("auto", "local"):
+        return
+    key = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+    host_port = address.split("://", 1)[-1].split("/", 1)[0]
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{key}={address!r} is not host:port (e.g. 10.0.0.5:6379 or ray://10.0.0.5:10001)")
+    if address.startswith("ray://"):  # Ray Client: a TCP answer is all that can be asked without Ray
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_CONNECT_TIMEOUT_S).close()
+        except OSError as err:
+            raise ValueError(f"{key}={address!r}: nothing answers at {host}:{port} within {RAY_CONNECT_TIMEOUT_S:g} s "
+                             f"({err.strerror or err}); start the Ray Client server on the head node, fix the address, "
+                             "or unset it to start a local cluster") from None
+        return
+    problem = gcs_problem(f"{host}:{port}", RAY_CONNECT_TIMEOUT_S)
+    if problem:
+        raise ValueError(f"{key}={address!r}: {problem}; start the head node (ray start --head), fix the address, "
+                         "or unset it to start a local cluster")
+
+
+def gcs_problem(address: str, timeout_s: float) -> str | None:
+    """Whether a Ray head (its GCS, a gRPC server) answers at ``address``: one call to a GCS method,
+    without importing Ray. A TCP port that accepts is not enough (a proxy or another server would)."""
+    import grpc
+
+    channel = grpc.insecure_channel(address)
+    try:
+        # ray/src/ray/protobuf/gcs_service.proto: NodeInfoGcsService.GetClusterId; an empty request is valid.
+        call = channel.unary_unary("/ray.rpc.NodeInfoGcsService/GetClusterId",
+                                   request_serializer=lambda _: b"", response_deserializer=lambda raw: raw)
+        call(None, timeout=timeout_s)
+        return None
+    except grpc.RpcError as err:
+        code = err.code()
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return None  # a head with token auth: it is there
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return f"no Ray head answers at {address} within {timeout_s:g} s ({err.details() or code.name})"
+        return f"something answers at {address}, but not a Ray head's GCS ({code.name}: {err.details()})"
+    finally:
+        channel.close()
+
+
+def check_wandb(cfg: Config) -> list[str]:
+    """wandb online needs the package, an API key and the network; without the last two it would
+    fail (or wait) minutes in, so log offline instead and say so."""
+    if not cfg.logging.wandb:
+        return []
+    if importlib.util.find_spec("wandb") is None:
+        raise ValueError("logging.wandb=true needs the wandb package: `pip install wandb` (or set logging.wandb=false)")
+    if cfg.logging.wandb_mode != "online" or os.environ.get("WANDB_MODE") in ("offline", "disabled"):
+        return []
+    host = (os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").split("://", 1)[-1].split("/", 1)[0]
+    problem = None
+    if not os.environ.get("WANDB_API_KEY"):
+        try:
+            has_key = netrc.netrc().authenticators(host.split(":")[0]) is not None
+        except (OSError, netrc.NetrcParseError):
+            has_key = False
+        if not has_key:
+            problem = "no API key (set WANDB_API_KEY or run `wandb login`)"
+    if problem is None:
+        name, _, port = host.partition(":")
+        try:
+            socket.create_connection((name, int(port or 443)), timeout=3.0).close()
+        except OSError as err:
+            problem = f"{host} cannot be reached ({err.strerror or err})"
+    if problem is None:
+        return []
+    cfg.logging.wandb_mode = "offline"
+    return [f"logging.wandb_mode=online but {problem}: logging to wandb offline instead, in RUN_DIR/wandb "
+            "(upload it later with `wandb sync`)"]
 
 
 def check_environment(env_cfg: EnvironmentConfig) -> tuple:
@@ -110,7 +236,7 @@ def check_environment(env_cfg: EnvironmentConfig) -> tuple:
         env = load_environment(name, kwargs)
     except ValueError:
         raise  # load_environment's own messages name the key
-    except Exception as err:  # the class's constructor: a missing file, a bad argument value
+    except (Exception, SystemExit) as err:  # the class's constructor: a missing file, a bad argument value
         raise ValueError(f"environment.name={name!r} with environment.kwargs={kwargs}: building it raised "
                          f"{type(err).__name__}: {err}") from None
     tasks_by_split = {}
@@ -118,7 +244,7 @@ def check_environment(env_cfg: EnvironmentConfig) -> tuple:
         where = f"{name} tasks({split!r}) ({key}={split!r}, environment.kwargs={kwargs})"
         try:
             tasks = tasks_by_split[split] = list(env.tasks(split))
-        except Exception as err:  # e.g. KeyError: a dataset row without the field the environment reads
+        except (Exception, SystemExit) as err:  # e.g. KeyError: a dataset row without the field the environment reads
             raise ValueError(f"{where} raised {type(err).__name__}: {err}. Check the split name and that the "
                              "dataset has the fields this environment reads") from None
         if not tasks:

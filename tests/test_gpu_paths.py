@@ -90,9 +90,12 @@ def test_max_model_len_holds_the_prompt_budget_and_the_response():
     with pytest.raises(ValueError, match="responses would be cut short"):
         max_model_len(Config(rollout=dict(max_response_tokens=8192, max_model_len=4096)))
     # the teacher probe sends teacher prompts through the same engines: room for them, within the model's limit
-    probe = Config(rollout=dict(max_response_tokens=16), eval=dict(teacher_probe_every_steps=5))
+    probe = Config(rollout=dict(max_response_tokens=16), eval=dict(teacher_probe_every_steps=5),
+                   teacher_context=dict(max_teacher_prompt_tokens=10240))
     assert max_model_len(probe) == 10240 + 16
     assert max_model_len(probe, max_positions=2048) == 2048
+    unbudgeted = Config(rollout=dict(max_response_tokens=16), eval=dict(teacher_probe_every_steps=5))
+    assert max_model_len(unbudgeted, max_positions=4096) == 4096  # teacher prompts may fill the model's context
 
 
 def test_gpu_defaults_kv_cache_by_utilization_bf16_graphs_chunked_prefill():
