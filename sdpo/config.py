@@ -82,6 +82,15 @@ class LossConfig(Section):
     add_tail: bool = True
     rollout_is: bool = True  # truncated importance weight for rollout/learner mismatch
     rollout_is_cap: float = Field(2.0, gt=0.0)
+    # The level the rollout IS ratio pi_learner / pi_rollout is taken at (SPEC section 9): "token"
+    # (each token its own ratio), "sequence" (the product over the response: exact but high-variance),
+    # "geometric" (exp of the mean log-ratio over the response). Truncated at rollout_is_cap either way.
+    rollout_is_level: Literal["token", "sequence", "geometric"] = "token"
+    # Masked IS: a token (or, at sequence/geometric level, a whole response) whose ratio is below
+    # rollout_is_mask_low or above rollout_is_mask_high gets weight 0 instead of a truncated one.
+    # None: no bound. For stale samples (rollout.max_staleness >= 1), where naive IS can collapse.
+    rollout_is_mask_low: float | None = Field(None, ge=0.0)
+    rollout_is_mask_high: float | None = Field(None, gt=0.0)
     # off-policy ratio cap when a batch takes several optimizer steps (updates_per_batch > 1 or
     # mini_batches_per_batch > 1); None: off
     is_clip: float | None = Field(2.0, gt=0.0)
@@ -170,6 +179,11 @@ class RolloutConfig(Section):
     # instead of hanging; the replica is then replaced.
     weight_sync_timeout_s: float = Field(600.0, gt=0.0)
     max_replica_restarts: int = Field(3, ge=0)  # a dead replica is replaced at most this often per run
+    # Asynchronous training (sdpo/async_rollout.py, SPEC section 9): how many policy versions older
+    # than the learner's a batch may be. 0: synchronous (sample with the newest weights, sync every
+    # step). K >= 1: the engines sample the next K batches while the learner trains, picking up the
+    # newest weights between batches; disaggregated placement only.
+    max_staleness: int = Field(0, ge=0)
 
 
 # Derived rollout defaults (sdpo/placement.py applies them; `--dry-run` prints the result).
@@ -316,6 +330,7 @@ class Config(Section):
         self._check_training_sampling()
         self._check_mini_batches()
         self._check_teacher_guard()
+        self._check_async()
         if loss.objective != "sdpo" and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"loss.objective={loss.objective} compares samples within a group: "
                              "rollout.samples_per_prompt must be >= 2")
@@ -367,6 +382,16 @@ class Config(Section):
         if (samples // k) % ranks:
             raise ValueError(f"each of the optimizer.mini_batches_per_batch={k} mini-batches holds {samples // k} samples, "
                              f"which must be divisible by learner.world_size = {ranks}")
+
+    def _check_async(self) -> None:
+        loss, k = self.loss, self.rollout.max_staleness
+        low, high = loss.rollout_is_mask_low, loss.rollout_is_mask_high
+        if low is not None and high is not None and low >= high:
+            raise ValueError(f"loss.rollout_is_mask_low={low} must be below loss.rollout_is_mask_high={high}")
+        if k and self.device == "cuda" and self.rollout.placement == "colocated":
+            raise ValueError(f"rollout.max_staleness={k} overlaps generation with learning, but rollout.placement="
+                             "colocated puts the engines to sleep while the learner trains on the same GPUs: use "
+                             "rollout.placement=disaggregated (rollout GPUs apart from learner GPUs), or max_staleness=0")
 
     def _check_teacher_guard(self) -> None:
         teacher = self.teacher

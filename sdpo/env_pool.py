@@ -193,7 +193,8 @@ class PendingVerdicts:
     def __init__(self, pool: "EnvPool", refs: list, chunks: list[tuple[int, int]]):
         self.pool, self.refs, self.chunks = pool, refs, chunks
 
-    def result(self) -> list[Verdict]:
+    def result(self, count: bool = True) -> list[Verdict]:
+        """count=False: the caller counts the round's failures itself (one round sent in several parts)."""
         verdicts: list[Verdict] = []
         for index, (ref, (a, b)) in enumerate(zip(self.refs, self.chunks)):
             try:
@@ -201,7 +202,8 @@ class PendingVerdicts:
             except ray.exceptions.RayError as err:  # the worker process died; max_restarts revives it
                 verdicts += [failed(f"the verifier process died ({type(err).__name__})", "crash") for _ in range(b - a)]
                 self.pool.restarting.add(index)
-        self.pool.count(verdicts)
+        if count:
+            self.pool.count(verdicts)
         return verdicts
 
 

@@ -139,6 +139,35 @@ def rollout_is_weights(learner_logp: Tensor, rollout_logp: Tensor, cap: float) -
 
 
 @torch.no_grad()
+def rollout_is_weights_at(learner_logp: Tensor, rollout_logp: Tensor, seq_index: Tensor, *, level: str, cap: float,
+                          mask_low: float | None = None, mask_high: float | None = None) -> tuple[Tensor, Tensor]:
+    """Rollout IS weights per token (N,) at ``level`` and which tokens the band masked (N,) bool (SPEC §9).
+
+    token: r_t = exp(logp_learner_t - logp_rollout_t). sequence: every token of response i gets
+    r_i = exp(sum_t of the log-ratio over the response); geometric: exp(mean_t of it). The log-ratio is
+    clamped to [-20, 20] before exp (at sequence level: after the sum). A ratio outside
+    [mask_low, mask_high] gives weight 0 (masked IS); the others are truncated at ``cap``.
+    """
+    dtype = torch.promote_types(_compute_dtype(learner_logp), rollout_logp.dtype)
+    log_ratio = learner_logp.detach().to(dtype) - rollout_logp.detach().to(dtype)
+    if level != "token":
+        sequences = int(seq_index.max().item()) + 1 if seq_index.numel() else 0
+        per_seq = log_ratio.new_zeros(sequences).index_add_(0, seq_index, log_ratio)
+        if level == "geometric":
+            per_seq = per_seq / torch.bincount(seq_index, minlength=sequences).clamp(min=1).to(dtype)
+        elif level != "sequence":
+            raise ValueError(f"unknown rollout IS level {level!r}: token, sequence or geometric")
+        log_ratio = per_seq[seq_index]
+    ratio = torch.exp(torch.clamp(log_ratio, -20.0, 20.0))
+    masked = torch.zeros_like(ratio, dtype=torch.bool)
+    if mask_low is not None:
+        masked |= ratio < mask_low
+    if mask_high is not None:
+        masked |= ratio > mask_high
+    return torch.where(masked, torch.zeros_like(ratio), torch.clamp(ratio, max=cap)), masked
+
+
+@torch.no_grad()
 def off_policy_is_weights(student_logp: Tensor, old_logp: Tensor, clip: float) -> Tensor:
     """Off-policy ratio r_t = min(exp(clamp(logp_S - logp_old, -20, 20)), clip), detached.
 

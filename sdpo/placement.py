@@ -145,6 +145,17 @@ def check_placement(cfg: Config) -> None:
                              "restarted beside its learner could not start. Lower it, or leave it unset")
 
 
+def schedule(cfg: Config, transport: str) -> str:
+    """rollout.max_staleness in words (SPEC section 9)."""
+    k = cfg.rollout.max_staleness
+    if not k:
+        return "synchronous (rollout.max_staleness 0): sample, verify, learn, sync in turn"
+    pickup = ("the engines load the newest weight file between batches" if transport == "shm"
+              else f"weight_sync {transport} waits for the batch in flight")
+    return (f"asynchronous, rollout.max_staleness {k}: batches s+1..s+{k} are sampled while step s learns, each by a "
+            f"policy at most {k} versions old; {pickup}")
+
+
 def describe(cfg: Config, max_positions: int | None = None) -> str:
     """The derived engine settings and which actor goes on which GPU fraction, for --dry-run."""
     s = engine_settings(cfg, max_positions)
@@ -157,6 +168,7 @@ def describe(cfg: Config, max_positions: int | None = None) -> str:
         f"  gpu_memory_utilization {s.gpu_memory_utilization if s.gpu_memory_utilization is not None else '-'}; "
         f"enforce_eager {s.enforce_eager}; chunked_prefill {s.chunked_prefill}; sleep_mode {s.sleep_mode}; "
         f"weight_sync {s.weight_sync}",
+        f"schedule: {schedule(cfg, s.weight_sync)}",
     ]
     if cfg.device != "cuda":
         lines.append(f"placement: CPU only ({r.replicas} rollout replicas, {l.world_size} learner ranks)")

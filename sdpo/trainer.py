@@ -9,6 +9,7 @@ actors, removes the weight files from /dev/shm and closes the metrics file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -24,6 +25,7 @@ import ray
 import torch.distributed as dist
 
 from environments import Task, Verdict, load_environment
+from sdpo.async_rollout import AsyncRollouts
 from sdpo.batch import TrainSample, build_batch
 from sdpo.chat import bind_template_kwargs, chat_ids
 from sdpo.checkpoint import Checkpoints, size_bytes, step_of, truncate_metrics
@@ -56,11 +58,7 @@ def train(cfg: Config, environment: tuple | None = None) -> dict:
         while step < cfg.steps:
             step += 1
             timer, started = PhaseTimer(), time.perf_counter()
-            tasks = run.sampler.next(cfg.prompts_per_step)
-            rollouts = run.sample_and_verify(tasks, cfg.rollout.samples_per_prompt, cfg.rollout.temperature,
-                                             seed=cfg.seed * 1_000_003 + step, timer=timer)
-            with timer("teacher_contexts"):
-                batch, teacher_stats = run.teacher_contexts(rollouts)
+            rollouts, batch, teacher_stats = run.next_batch(step, timer)  # max_staleness >= 1: sampled ahead
             try:
                 learn_stats = run.learn(batch, timer)
                 run.sync(step, timer)
@@ -69,12 +67,13 @@ def train(cfg: Config, environment: tuple | None = None) -> dict:
                 continue
             run.log_step(step, rollouts, {**teacher_stats, **learn_stats}, timer, started)
             last = step == cfg.steps
-            if due(step, cfg.eval.every_steps) and not last:  # the last step's evaluation follows the loop
-                run.evaluate(step)
-            if due(step, cfg.eval.teacher_probe_every_steps) or last:
-                run.probe(step)
-            if due(step, cfg.checkpoint.every_steps) or last:
-                run.save(step)
+            with run.paused(step):  # max_staleness >= 1: the engines hold this step's weights and sample nothing newer
+                if due(step, cfg.eval.every_steps) and not last:  # the last step's evaluation follows the loop
+                    run.evaluate(step)
+                if due(step, cfg.eval.teacher_probe_every_steps) or last:
+                    run.probe(step)
+                if due(step, cfg.checkpoint.every_steps) or last:
+                    run.save(step)
         return run.finish(run.evaluate(cfg.steps) if cfg.steps else run.before)
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (see Run.start)
         raise run.interrupted(err) from None
@@ -134,6 +133,8 @@ class Run:
         self.restarts = 0
         self.started_ray = False
         self.colocated = self.rollout = self.envs = self.learners = None
+        self.asynchronous = cfg.rollout.max_staleness > 0
+        self.producer: AsyncRollouts | None = None  # the rollout thread (asynchronous mode), started by next_batch
         self._previous_sigterm = None
 
     def start(self) -> None:
@@ -154,15 +155,72 @@ class Run:
         """``n`` completions per task from the engines, decoded and scored by the verifiers.
         ``prompt_ids``: the prompts to answer (default: each task's own chat prompt)."""
         timer, cfg = timer or PhaseTimer(), self.cfg
+        pending = []  # (prompt indices, verdicts in flight): verification starts as each replica's share arrives
+
+        def verify_share(indices: list[int], groups: list[list[Completion]]) -> None:
+            texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
+            pending.append((indices, self.envs.submit([tasks[j] for j in indices for _ in range(n)], texts, group_size=n)))
+
         with timer("generate"):
             prompt_ids = prompt_ids or [chat_ids(self.tokenizer, t.messages) for t in tasks]
             groups = self.rollout.generate(prompt_ids, Sampling(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
                                                                 max_new_tokens=cfg.rollout.max_response_tokens,
-                                                                stop_token_ids=self.stops, seed=seed))
-        with timer("verify"):
-            texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
-            verdicts = self.envs.verify([t for t in tasks for _ in range(n)], texts, group_size=n)
+                                                                stop_token_ids=self.stops, seed=seed), on_share=verify_share)
+        with timer("verify"):  # what is left of it once the last share is generated
+            by_prompt: list[list[Verdict]] = [[] for _ in tasks]
+            for indices, verdicts in pending:
+                flat = verdicts.result(count=False)
+                for k, j in enumerate(indices):
+                    by_prompt[j] = flat[k * n : (k + 1) * n]
+            verdicts = [v for group in by_prompt for v in group]  # sample order, whatever order the shares came in
+            self.envs.count(verdicts)  # one round, as if verified at once
         return Rollouts(tasks, prompt_ids, groups, verdicts, n)
+
+    def next_batch(self, step: int, timer: PhaseTimer) -> tuple[Rollouts, list[TrainSample], dict[str, float]]:
+        """Batch ``step``: sampled, verified and given teacher contexts now (max_staleness 0), or
+        taken from the rollout thread that made it while earlier steps learned."""
+        cfg = self.cfg
+        if not self.asynchronous:
+            tasks = self.sampler.next(cfg.prompts_per_step)
+            rollouts = self.sample_and_verify(tasks, cfg.rollout.samples_per_prompt, cfg.rollout.temperature,
+                                              seed=cfg.seed * 1_000_003 + step, timer=timer)
+            with timer("teacher_contexts"):
+                batch, teacher_stats = self.teacher_contexts(rollouts)
+            return rollouts, batch, teacher_stats
+        if self.producer is None:  # after a start, resume or learner restart: from the engines' version on
+            self.producer = AsyncRollouts(self, step - 1, self.is_barrier)
+        with timer("wait_for_batch"):
+            item = self.producer.take(step)
+        timer.seconds.update(item.seconds)  # its own phases, which overlapped earlier steps' learning
+        return item.rollouts, item.batch, item.teacher_stats
+
+    def is_barrier(self, step: int) -> bool:
+        """Whether the engines must hold ``step``'s weights after it: it evaluates, probes or checkpoints."""
+        cfg = self.cfg
+        return (step == cfg.steps or due(step, cfg.eval.every_steps) or due(step, cfg.eval.teacher_probe_every_steps)
+                or due(step, cfg.checkpoint.every_steps))
+
+    @contextlib.contextmanager
+    def paused(self, step: int):
+        """Asynchronous mode: at a barrier the block has the engines (the rollout thread waits); after
+        it, sampling may go past ``step``. Synchronous: nothing to do."""
+        producer = self.producer
+        if producer is None:
+            yield
+            return
+        try:
+            if self.is_barrier(step):
+                with producer.engines:
+                    yield
+            else:
+                yield
+        finally:
+            producer.release(step)
+
+    def _stop_producer(self) -> None:
+        if self.producer is not None:
+            self.producer.stop()
+            self.producer = None
 
     def teacher_contexts(self, rollouts: Rollouts, context_cfg=None) -> tuple[list[TrainSample], dict[str, float]]:
         return build_batch(rollouts.tasks, rollouts.prompt_ids, rollouts.groups, rollouts.verdicts_by_group(),
@@ -174,8 +232,17 @@ class Run:
             return self.learners.train_step(batch)  # teacher + student forwards, loss, step, teacher update
 
     def sync(self, step: int, timer: PhaseTimer) -> None:
+        producer = self.producer
         with timer("weight_sync"):
-            self.rollout.sync_weights(self.learners, step, self.weights_dir)  # shm file, NCCL broadcast or CUDA IPC
+            if producer is None:
+                self.rollout.sync_weights(self.learners, step, self.weights_dir)  # shm file, NCCL broadcast or CUDA IPC
+            elif self.rollout.transport == "shm" and not self.is_barrier(step):
+                with producer.files:  # the learner writes the file; the rollout thread loads it between batches
+                    producer.publish(self.learners.export_weights(self.weights_dir, step), step)
+            else:  # a barrier, or a broadcast the engines must take part in: after the batch in flight
+                with producer.engines:
+                    self.rollout.sync_weights(self.learners, step, self.weights_dir)
+                producer.publish(None, step)
 
     def serve_weights(self, step: int, teacher: bool = False) -> None:
         """The engines answer with the teacher's weights (or the student's again), through a file."""
@@ -204,6 +271,7 @@ class Run:
     def restore(self, path: Path | None) -> int:
         """Learners, engine weights and data position as of checkpoint ``path`` (None: the start).
         Returns the step to continue after."""
+        self._stop_producer()  # the rollout thread starts again at the next batch, from what is restored
         self.sampler, self.step = PromptSampler(self.train_tasks, self.cfg.seed), 0
         if path is None:
             self.guard.load_state(None, self.learners)
@@ -224,6 +292,7 @@ class Run:
         it is raised again. Returns the step to continue after."""
         if not learner_lost(err):
             raise err
+        self._stop_producer()  # before the engines are reset below
         cfg, latest = self.cfg, self.checkpoints.latest()
         if self.restarts >= cfg.checkpoint.max_learner_restarts:
             raise RuntimeError(f"a learner rank was lost {self.restarts + 1} times; the last checkpoint is "
@@ -261,6 +330,8 @@ class Run:
     def close(self) -> None:
         """Everything the run holds goes, whichever way it ended; each part even when another fails."""
         errors = []
+        if self.producer is not None:
+            self.producer.stop(wait_s=0)  # no new batches; the one in flight fails once its actors are gone
         for name, release in (("metrics file", self.log.close),
                               ("learners", self.learners and self.learners.shutdown),
                               ("rollout engines", self.rollout and self.rollout.shutdown),
@@ -275,7 +346,9 @@ class Run:
         if self._previous_sigterm is not None:
             signal.signal(signal.SIGTERM, self._previous_sigterm)
             self._previous_sigterm = None
-        self.learners = self.rollout = self.envs = None
+        if self.producer is not None:
+            self.producer.thread.join(10)
+        self.learners = self.rollout = self.envs = self.producer = None
         self.started_ray = False
         if errors:
             self.log.say("clean-up failed for " + "; ".join(errors))
@@ -355,8 +428,16 @@ def rollout_stats(rollouts: Rollouts, cfg: Config, step: int) -> dict[str, float
     rewards = [v.reward for v in rollouts.verdicts]
     lengths = [len(c.token_ids) for g in rollouts.groups for c in g]
     failures = sum(1 for v in rollouts.verdicts if v.info.get("verifier_failure"))
+    # Staleness: how many versions the sampling policy is behind the one that learns (step s learns with v s-1).
+    staleness = [(step - 1) - c.policy_version for g in rollouts.groups for c in g]
+    k = cfg.rollout.max_staleness
+    histogram = {f"rollout/staleness_frac_{i}": staleness.count(i) / len(staleness) for i in range(k + 1)} if k else {}
     return {
-        # Synchronous training samples step s with the weights of step s-1: the lag must read 0.
+        "rollout/staleness_mean": sum(staleness) / len(staleness),
+        "rollout/staleness_max": float(max(staleness)),
+        **histogram,
+        # Synchronous training samples step s with the weights of step s-1: the lag must read 0
+        # (asynchronous: at most rollout.max_staleness; the same number as rollout/staleness_max).
         "rollout/policy_version_lag_max": float((step - 1) - min(c.policy_version for g in rollouts.groups for c in g)),
         "rollout/reward_mean": sum(rewards) / len(rewards),
         "rollout/success_frac": sum(r >= cfg.teacher_context.success_threshold for r in rewards) / len(rewards),

@@ -46,6 +46,8 @@ class LearnerGroup:
         results = _get_all(self._timeout, [w.train_batch.remote(shares) for w, shares in zip(self.workers, per_rank)])
         tokens = sum(r["tokens"] for r in results)
         extra = {f"learn/{k}": sum(r[k] for r in results) for k in ("sd_loss", "pg_loss") if k in results[0]}
+        if "is_masked" in results[0]:  # loss.rollout_is_mask_low / _high: the share of tokens the band zeroed
+            extra["learn/is_masked_frac"] = sum(r["is_masked"] for r in results) / max(1.0, tokens)
         if "clip_frac" in results[0]:
             extra["learn/clip_frac"] = sum(r["clip_frac"] for r in results) / max(1.0, tokens)
         return {

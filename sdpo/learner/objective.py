@@ -16,7 +16,7 @@ from torch import Tensor
 from sdpo.config import LossConfig
 from sdpo.chunked_loss import chunked_divergence, chunked_logp_entropy, chunked_token_logprobs
 from sdpo.loss import (aggregate, divergence_per_token, off_policy_is_weights, ppo_clip_per_token, rollout_is_weights,
-                       token_entropy, token_level_distillation, token_logprobs)
+                       rollout_is_weights_at, token_entropy, token_level_distillation, token_logprobs)
 
 
 @dataclass
@@ -106,9 +106,19 @@ def micro_batch_loss(
     student_logp = student.token_logprobs(mb.sampled)
     old = student_logp.detach() if old_logp is None else old_logp
     # Truncated IS against the engine's numerics, from the learner's pre-update log-probs (SPEC §4).
-    tis = rollout_is_weights(old, mb.rollout_logp, cfg.rollout_is_cap) if cfg.rollout_is else torch.ones_like(old)
+    masked = None
+    if not cfg.rollout_is:
+        tis = torch.ones_like(old)
+    elif cfg.rollout_is_level == "token" and cfg.rollout_is_mask_low is None and cfg.rollout_is_mask_high is None:
+        tis = rollout_is_weights(old, mb.rollout_logp, cfg.rollout_is_cap)
+    else:  # sequence-level or masked IS, for stale samples (SPEC §9)
+        tis, masked = rollout_is_weights_at(old, mb.rollout_logp, mb.seq_index, level=cfg.rollout_is_level,
+                                            cap=cfg.rollout_is_cap, mask_low=cfg.rollout_is_mask_low,
+                                            mask_high=cfg.rollout_is_mask_high)
     loss = student_logp.new_zeros((), dtype=torch.float32)
     stats = {"logp_gap_abs": (old - mb.rollout_logp).abs().sum().item(), "is_weight": tis.sum().item()}
+    if masked is not None:
+        stats["is_masked"] = masked.sum().item()
 
     routed = cfg.objective == "routed"
     if routed and mb.success is None:

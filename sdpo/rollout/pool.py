@@ -60,7 +60,9 @@ class RolloutPool:
                            bundle=index % group.bundle_count if group is not None else 0)
 
     # ---- generation --------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], sampling: Sampling, on_share=None) -> list[list[Completion]]:
+        """``on_share(indices, groups)``: called as each replica's share arrives (in arrival order), so
+        that the caller can start on it (verification) while the other replicas still generate."""
         max_new = sampling.max_new_tokens
         room = self.settings.max_model_len - max_new
         longest = max((len(p) for p in prompts), default=0)
@@ -78,9 +80,10 @@ class RolloutPool:
         refs = {i: submit(i) for i, share in enumerate(shares) if share}
         results: list[list[Completion] | None] = [None] * len(prompts)
         while refs:
-            i, ref = next(iter(refs.items()))
+            ready, _ = ray.wait(list(refs.values()), num_returns=1)
+            i = next(i for i, ref in refs.items() if ref == ready[0])
             try:
-                groups = ray.get(ref)
+                groups = ray.get(refs[i])
             except RayActorError as error:  # the replica's process is gone; an error inside generate is not this
                 self._replace(i, error)
                 refs[i] = submit(i)
@@ -88,6 +91,8 @@ class RolloutPool:
             del refs[i]
             for j, group in zip(shares[i], groups):
                 results[j] = group
+            if on_share is not None:
+                on_share(shares[i], groups)
         lengths = [len(c.token_ids) for g in results for c in g]  # type: ignore[union-attr]
         if lengths:
             self._response_tokens_mean = sum(lengths) / len(lengths)
