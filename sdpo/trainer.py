@@ -1,6 +1,7 @@
 """The SDPO loop. One step: sample and verify, build teacher contexts, learn (the teacher update
 happens inside the learner), sync weights. The driver holds no weights; it moves token ids and
-file paths between actors.
+file paths between actors. With ``rollout.max_staleness`` >= 1 the sampling, verifying and teacher
+contexts of the next batches run in a thread of their own (sdpo/async_rollout.py) while a step learns.
 
 ``train`` is the whole loop and reads top to bottom; ``Run`` holds the run's parts and does one
 job per method. However the run ends (done, an exception, Ctrl-C, SIGTERM), ``Run.close`` stops the

@@ -1,0 +1,59 @@
+"""Summarize asynchronous runs (rollout.max_staleness = K) side by side: a markdown table of
+wall-clock per step, the phases, held-out success at equal steps, the staleness histogram and the
+rollout IS weights, read from each run's metrics.jsonl.
+
+    python benchmarks/training/async_summary.py benchmarks/results/async/k0-seed0 benchmarks/results/async/k1-seed0 ...
+
+The runs themselves are plain `python -m sdpo.run recipes/quickstart.yaml seed=S rollout.max_staleness=K
+logging.run_dir=...`, one at a time (benchmarks/RESULTS.md gives the commands).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def summary(run_dir: Path) -> dict:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    k = cfg["rollout"]["max_staleness"]
+    steps = [r for r in rows if "learn/loss" in r]
+    evals = {r["step"]: r for r in rows if "eval/success_t" in r}
+    median = lambda key: statistics.median(r[key] for r in steps if key in r) if any(key in r for r in steps) else float("nan")  # noqa: E731
+    staleness = {i: statistics.mean(r.get(f"rollout/staleness_frac_{i}", float(i == 0)) for r in steps) for i in range(k + 1)}
+    return {
+        "run": run_dir.name, "k": k, "seed": cfg["seed"], "steps": len(steps),
+        "step_s": median("time/step_s"), "total_s": sum(r["time/step_s"] for r in steps),
+        "phases": {p: median(f"time/{p}_s") for p in ("wait_for_batch", "generate", "verify", "teacher_contexts", "learn",
+                                                     "weight_sync", "weight_load")},
+        "success_t": {s: e["eval/success_t"] for s, e in sorted(evals.items())},
+        "success_greedy": {s: e.get("eval/success_greedy") for s, e in sorted(evals.items())},
+        "staleness": staleness, "staleness_max": max(r["rollout/policy_version_lag_max"] for r in steps),
+        "is_weight_mean": statistics.mean(r["learn/is_weight_mean"] for r in steps),
+        "is_weight_min": min(r["learn/is_weight_mean"] for r in steps),
+        "logp_gap": statistics.mean(r["learn/rollout_logp_gap_abs"] for r in steps),
+    }
+
+
+def main(paths: list[str]) -> None:
+    runs = [summary(Path(p)) for p in paths]
+    print("| run | K | median step s | total s | median phases s (wait / gen / verify / ctx / learn / sync / load) | "
+          "held-out T=1 by step | greedy final | staleness 0/1/2 (frac) | IS weight mean (min step) | logp gap |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in runs:
+        phases = " / ".join("-" if v != v else f"{v:.2f}" for v in r["phases"].values())
+        curve = " ".join(f"{s}:{v:.3f}" for s, v in r["success_t"].items())
+        greedy = list(r["success_greedy"].values())[-1]
+        stale = " / ".join(f"{v:.2f}" for v in r["staleness"].values())
+        print(f"| {r['run']} | {r['k']} | {r['step_s']:.2f} | {r['total_s']:.0f} | {phases} | {curve} | "
+              f"{greedy:.3f} | {stale} (max {r['staleness_max']:.0f}) | {r['is_weight_mean']:.4f} ({r['is_weight_min']:.4f}) | "
+              f"{r['logp_gap']:.1e} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
