@@ -81,7 +81,7 @@ def train(cfg: Config, environment: tuple | None = None) -> dict[str, dict[str, 
         learners.load_checkpoint(str(path))
         state = checkpoints.load_driver_state(path)
         sampler.load_state(state["sampler"])
-        rollout.load_weights(learners.export_weights(weights_dir, state["step"]), version=state["step"])
+        rollout.sync_weights(learners, state["step"], weights_dir)  # by the run's transport (a file only with shm)
         log.say(f"resumed from {path} (step {state['step']})")
         return state["step"], sampler, state["before"]
 
@@ -95,7 +95,7 @@ def train(cfg: Config, environment: tuple | None = None) -> dict[str, dict[str, 
         fresh = LearnerGroup(cfg, model_path, colocated)
         truncate_metrics(run_dir / "metrics.jsonl", after_step=step_of(latest))  # the replayed steps log again
         if latest is None:
-            rollout.load_weights(fresh.export_weights(weights_dir, 0), version=0)
+            rollout.sync_weights(fresh, 0, weights_dir)  # nccl: rebuilds the weight group for the new rank 0
         log.log(step_of(latest), {"learner/restarts": float(restarts), "learner/restart_s": time.perf_counter() - started})
         return fresh
 
