@@ -281,7 +281,7 @@ class Run:
         state = self.checkpoints.load_driver_state(path)
         self.guard.load_state(state.get("guard"), self.learners)
         self.sampler.load_state(state["sampler"])
-        self.rollout.load_weights(self.learners.export_weights(self.weights_dir, state["step"]), version=state["step"])
+        self.rollout.sync_weights(self.learners, state["step"], self.weights_dir)  # by the run's transport (a file only with shm)
         self.before, self.step = state["before"], state["step"]
         self.log.say(f"resumed from {path} (step {state['step']})")
         return state["step"]
@@ -306,7 +306,7 @@ class Run:
         self.learners = LearnerGroup(cfg, self.model_path, self.colocated)
         truncate_metrics(self.run_dir / "metrics.jsonl", after_step=step_of(latest))  # the replayed steps log again
         if latest is None:
-            self.rollout.load_weights(self.learners.export_weights(self.weights_dir, 0), version=0)
+            self.rollout.sync_weights(self.learners, 0, self.weights_dir)  # nccl: rebuilds the weight group for the new rank 0
         self.log.log(step_of(latest), {"learner/restarts": float(self.restarts),
                                        "learner/restart_s": time.perf_counter() - started})
         return self.restore(latest)

@@ -316,3 +316,12 @@ def test_missing_weights_file_names_the_multi_node_fix(monkeypatch):
     worker = _RolloutWorker.__new__(_RolloutWorker)
     with pytest.raises(FileNotFoundError, match="weight_sync=nccl"):
         worker.load_weights("/dev/shm/sdpo-no-such-run/weights-v3.safetensors", 3)
+
+
+def test_dry_run_description_of_a_disaggregated_layout():
+    cfg = gpu_config(rollout__placement="disaggregated", rollout__num_gpus_per_replica=1, learner__num_gpus_per_rank=1)
+    check_placement(cfg)
+    lines = describe(cfg).splitlines()
+    assert lines[-4:] == ["  GPU 0: learner rank 0 (1)", "  GPU 1: learner rank 1 (1)", "  GPU 2: rollout replica 0 (1)",
+                          "  GPU 3: rollout replica 1 (1)"]
+    assert "weight_sync nccl" in lines[2] and "gpu_memory_utilization 0.9" in lines[2]

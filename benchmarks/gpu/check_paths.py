@@ -135,15 +135,16 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT") or "benchmarks/gpu/results", "gpu_paths.jsonl"))
     args = parser.parse_args()
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    checks = [lambda: check_handle(args.out, args.device)]
+    checks = [("cuda_ipc_handle_plain", lambda: check_handle(args.out, args.device))]
     if args.device == "cuda":
-        checks += [lambda: check_offloaded_gather(args.out), lambda: check_flash_attention(args.out),
-                   lambda: check_release_memory(args.out)]
-    for check in checks:
+        checks += [("offloaded_lm_head_gather", lambda: check_offloaded_gather(args.out)),
+                   ("flash_attention_choice", lambda: check_flash_attention(args.out)),
+                   ("release_memory", lambda: check_release_memory(args.out))]
+    for name, check in checks:
         try:
             check()
         except Exception as err:  # one broken check must not hide the others' results
-            record(args.out, getattr(check, "__name__", "check"), False, error=repr(err)[:300])
+            record(args.out, name, False, error=repr(err)[:300])
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ class RolloutPool:
         self.bucket_bytes = r.weight_sync_bucket_mib * 2**20
         self.version = 0  # the policy version every replica holds
         self.restarts = 0
-        self._last_weights: str | None = None  # the newest weight file: what a replacement reloads
+        self._last_weights: tuple[str, int] | None = None  # (file, version): what a replacement reloads
         self._export = None  # (learners, directory): to write a file for a replacement (nccl / cuda_ipc)
         self._group_learners = None  # the learner group whose rank 0 the engines' broadcast group was built with
         self._response_tokens_mean: float | None = None  # measured, for balancing the next call
@@ -110,11 +110,14 @@ class RolloutPool:
             # request_memory): the learner beside it returns its cached blocks first
             self._export[0].call("release_memory")
         self.workers[index] = worker = self._start(index)
-        path = self._last_weights
-        if self.version and (path is None or self.transport != "shm") and self._export is not None:
-            learners, directory = self._export  # GPU transports keep no file: have the learners write one
-            path = self._last_weights = learners.export_weights(directory, self.version)
         if self.version:
+            # a file holding the current version, else (the nccl / cuda_ipc transports keep none) one
+            # the learners write now
+            path = self._last_weights[0] if self._last_weights and self._last_weights[1] == self.version else None
+            if path is None and self._export is not None:
+                learners, directory = self._export
+                path = learners.export_weights(directory, self.version)
+                self._last_weights = (path, self.version)
             ray.get(worker.load_weights.remote(path, self.version))
         else:
             ray.get(worker.engine_kind.remote())  # wait for start-up: it has the checkpoint's weights
@@ -128,7 +131,7 @@ class RolloutPool:
         """Transport shm: every replica reads the file the learner wrote once; only the path
         passes the driver."""
         # first: a replica replaced during this call must come back with these weights
-        self._last_weights, self.version = path, version
+        self._last_weights, self.version = (path, version), version
         self._call_all("load_weights", path, version)
 
     def sync_weights(self, learners, version: int, directory: str) -> dict[str, float]:
