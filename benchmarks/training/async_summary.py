@@ -21,7 +21,7 @@ import yaml
 def summary(run_dir: Path) -> dict:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    k = cfg["rollout"]["max_staleness"]
+    k = cfg["rollout"].get("max_staleness", 0)  # absent: a run from before the key (synchronous)
     steps = [r for r in rows if "learn/loss" in r]
     evals = {r["step"]: r for r in rows if "eval/success_t" in r}
     median = lambda key: statistics.median(r[key] for r in steps if key in r) if any(key in r for r in steps) else float("nan")  # noqa: E731
