@@ -89,3 +89,11 @@ def test_colocated_async_is_refused_and_the_band_must_be_a_band():
         Config(loss={"rollout_is_mask_low": 2.0, "rollout_is_mask_high": 1.0})
     with pytest.raises(ValueError, match="max_staleness"):
         Config(rollout={"max_staleness": -1})
+
+
+def test_the_dry_run_shows_the_schedule():
+    from sdpo.placement import describe
+
+    assert "synchronous (rollout.max_staleness 0)" in describe(Config())
+    text = describe(Config(rollout={"max_staleness": 2}))
+    assert "asynchronous, rollout.max_staleness 2" in text and "newest weight file between batches" in text
