@@ -39,11 +39,12 @@ def model_config(path: str) -> dict[str, Any] | None:
     return data.get("text_config") or data
 
 
-def engine_window() -> int:
-    """The context the rollout engines are started with (make_engine's max_model_len)."""
-    from sdpo.rollout import make_engine
+def engine_window(cfg: Config, positions: int | None) -> int:
+    """The context the rollout engines are started with (derived from the prompt and response budgets,
+    capped by the model's positions; raises when they cannot fit)."""
+    from sdpo.placement import max_model_len
 
-    return inspect.signature(make_engine).parameters["max_model_len"].default
+    return max_model_len(cfg, positions)
 
 
 def uses_vllm(cfg: Config) -> bool:
@@ -69,11 +70,7 @@ def check_model(cfg: Config) -> dict[str, int] | None:
         raise ValueError(f"{where} has head_dim {head_dim}, which vLLM-CPU's attention cannot run (it takes "
                          f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))}): set rollout.engine=hf (slower), or use a "
                          "model with one of those head sizes")
-    window = engine_window()
-    if positions and positions < window and uses_vllm(cfg):
-        raise ValueError(f"{where} has max_position_embeddings={positions}, fewer than the {window} tokens the vLLM "
-                         "rollout engine is started with, which vLLM refuses: set rollout.engine=hf, or use a model "
-                         f"with at least {window} positions")
+    window = engine_window(cfg, positions)
     budget = cfg.teacher_context.max_teacher_prompt_tokens
     if positions and budget and budget >= positions:
         raise ValueError(f"teacher_context.max_teacher_prompt_tokens={budget} is not below the {positions} positions of "
