@@ -255,3 +255,157 @@ def test_missing_teacher_checkpoint_names_teacher_path(tmp_path):
     missing = tmp_path / "no-teacher"
     assert_rejected(run_cli(QUICKSTART, "teacher.kind=checkpoint", f"teacher.path={missing}"),
                     f"teacher.path={str(missing)!r}: no such directory")
+
+
+# --- second round (issue 15): the command line and YAML -----------------------------------------
+
+def test_flags_and_overrides_in_any_order():
+    out = run_cli(QUICKSTART, "--dry-run", "loss.alpha=1.0")
+    assert out.returncode == 0, out.stderr
+    assert "alpha: 1.0" in out.stdout
+    before = run_cli("--dry-run", "steps=7", QUICKSTART)  # the recipe is the argument without "="
+    assert before.returncode == 0 and "steps: 7" in before.stdout, before.stderr
+
+
+def test_an_option_written_with_dashes():
+    assert_rejected(run_cli(QUICKSTART, "--steps=5"), "unrecognized arguments: --steps=5",
+                    "settings are written without dashes, e.g. steps=5")
+
+
+def test_no_recipe_or_two_recipes():
+    assert_rejected(run_cli("steps=5"), "give one recipe file", "got none")
+    assert_rejected(run_cli(QUICKSTART, "recipes/math.yaml"), "give one recipe file", "got 2")
+
+
+def test_a_directory_as_the_recipe():
+    assert_rejected(run_cli("recipes"), "recipe 'recipes' is a directory; give a YAML file in it, e.g. recipes/")
+
+
+def test_a_recipe_that_is_not_utf8(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(b"name: caf\xe9\nsteps: 5\n")  # Latin-1
+    assert_rejected(run_cli(str(recipe)), "is not UTF-8 text: byte 0xe9 at offset 9 (line 1)")
+
+
+def test_a_key_given_twice(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: 5\nrollout:\n  samples_per_prompt: 4\n  samples_per_prompt: 8\n")
+    assert_rejected(run_cli(str(recipe)), "the key 'samples_per_prompt' is given twice in one mapping, on line 3 and on line 4")
+    recipe.write_text("rollout:\n  samples_per_prompt: 4\nsteps: 5\nrollout:\n  replicas: 1\n")
+    assert_rejected(run_cli(str(recipe)), "the key 'rollout' is given twice in one mapping, on line 1 and on line 4")
+
+
+def test_yes_no_on_off_are_read_as_written(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("seed: 010\nlearner:\n  mixed_precision: no\nlogging:\n  wandb: yes\n  tensorboard: off\n"
+                      "optimizer:\n  lr: 1e-4\n")
+    cfg = load_config(recipe)
+    assert cfg.learner.mixed_precision == "no" and cfg.logging.wandb is True and cfg.logging.tensorboard is False
+    assert cfg.seed == 10 and cfg.optimizer.lr == 1e-4  # YAML 1.2: no octal, 1e-4 is a number
+    assert load_config(ROOT / QUICKSTART, ["learner.mixed_precision=no"]).learner.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("recipe, expected", [
+    ("teacher_context:\n  reprompt_template: '{promt}{solution}{feedback}'\n",
+     "teacher_context.reprompt_template: unknown placeholder {promt} (did you mean {prompt}?)"),
+    ("teacher_context:\n  feedback_template: 'Feedback: {feedback_raw'\n", "teacher_context.feedback_template: "),
+    ("optimizer:\n  betas: [0.9, 1.5]\n", "optimizer.betas[1] must be in [0, 1), got 1.5"),
+    ("rollout:\n  samples_per_prompt: 1\nteacher_context:\n  include_environment_feedback: false\n",
+     "rollout.samples_per_prompt=1 with loss.objective=sdpo"),
+])
+def test_settings_that_would_fail_inside_the_run(tmp_path, recipe, expected):
+    path = tmp_path / "r.yaml"
+    path.write_text(recipe)
+    assert_rejected(run_cli(str(path), "--dry-run"), expected)
+
+
+# --- second round: the machine, the model, the data ---------------------------------------------
+
+def test_run_dir_under_proc():
+    assert_rejected(run_cli(QUICKSTART, "logging.run_dir=/proc/sdpo-run"),
+                    "logging.run_dir='/proc/sdpo-run': a directory cannot be made in /proc")
+
+
+def test_a_ray_address_that_does_not_answer():
+    assert_rejected(run_cli(QUICKSTART, "ray.address=127.0.0.1:1"),
+                    "ray.address='127.0.0.1:1': no Ray head answers at 127.0.0.1:1 within 5 s")
+
+
+def test_an_environment_module_that_exits_at_import(tmp_path):
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit('no data here')\n")
+    assert_rejected(run_cli(QUICKSTART, "environment.name=exits:Env", pythonpath=tmp_path),
+                    "importing 'exits' called sys.exit('no data here')")
+
+
+def test_topk_larger_than_the_vocabulary():
+    assert_rejected(run_cli(QUICKSTART, "loss.topk=1000"),
+                    "loss.topk=1000 is larger than the vocabulary of model.path='tiny-arithmetic' (260 tokens)")
+
+
+@pytest.fixture(scope="module")
+def tiny_copy(tmp_path_factory):
+    """A model folder to edit the config of: the embedded model's files."""
+    import shutil
+
+    from sdpo.models import resolve_model_path
+
+    folder = tmp_path_factory.mktemp("model") / "m"
+    shutil.copytree(resolve_model_path("tiny-arithmetic"), folder)
+    return folder
+
+
+def _with_config(folder: Path, **changes) -> Path:
+    import json
+
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
+def test_a_head_size_vllm_cpu_cannot_run(tiny_copy):
+    folder = _with_config(tiny_copy, head_dim=20)
+    out = run_cli(QUICKSTART, f"model.path={folder}", "rollout.engine=vllm")
+    assert_rejected(out, "has head_dim 20, which vLLM-CPU's attention cannot run", "set rollout.engine=hf")
+
+
+def test_a_prompt_longer_than_the_models_context(user_env):
+    (user_env / "long.jsonl").write_text('{"question": "1+1", "answer": "2"}\n' + '{"question": "%s", "answer": "2"}\n' % ("9 " * 3000))
+    out = run_cli(QUICKSTART, "environment.name=qa_env:QA", f"environment.kwargs={{path: {user_env / 'long.jsonl'}}}",
+                  pythonpath=user_env)
+    assert_rejected(out, "task '1' (#1) of environment.train_split='train' has a prompt of", "the model's context (2048 tokens")
+
+
+def test_a_teacher_prompt_budget_past_the_models_positions():
+    assert_rejected(run_cli(QUICKSTART, "teacher_context.max_teacher_prompt_tokens=4096"),
+                    "teacher_context.max_teacher_prompt_tokens=4096 is not below the 2048 positions")
+
+
+def test_one_sample_per_prompt_without_any_teacher_signal():
+    assert_rejected(run_cli(QUICKSTART, "rollout.samples_per_prompt=1"),
+                    "rollout.samples_per_prompt=1 with loss.objective=sdpo",
+                    "gave no feedback for a wrong answer")
+
+
+def test_one_sample_per_prompt_with_feedback_is_a_warning(capsys):
+    cfg = load_config(ROOT / QUICKSTART, ["rollout.samples_per_prompt=1", "environment.kwargs={feedback: true}"])
+    preflight(cfg)
+    assert "warning: rollout.samples_per_prompt=1 with loss.objective=sdpo: the teacher learns only from environment feedback" \
+        in capsys.readouterr().err
+
+
+def test_wandb_online_without_a_key_logs_offline(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))  # where `wandb login` would have put the key
+    cfg = load_config(ROOT / QUICKSTART, ["logging.wandb=true", "logging.wandb_mode=online"])
+    preflight(cfg)
+    assert cfg.logging.wandb_mode == "offline"
+    assert "logging.wandb_mode=online but no API key" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_the_head_sizes_are_vllms():
+    cpu_attn = pytest.importorskip("vllm.v1.attention.backends.cpu_attn")
+    from sdpo.checks import VLLM_CPU_HEAD_SIZES
+
+    assert list(VLLM_CPU_HEAD_SIZES) == cpu_attn.CPUAttentionBackend.get_supported_head_sizes()
