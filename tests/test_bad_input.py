@@ -2,6 +2,7 @@
 message naming the key and what to fix, before Ray is even imported (the table: docs/bad_input.md)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -342,14 +343,14 @@ def test_topk_larger_than_the_vocabulary():
                     "loss.topk=1000 is larger than the vocabulary of model.path='tiny-arithmetic' (260 tokens)")
 
 
-@pytest.fixture(scope="module")
-def tiny_copy(tmp_path_factory):
+@pytest.fixture()
+def tiny_copy(tmp_path):
     """A model folder to edit the config of: the embedded model's files."""
     import shutil
 
     from sdpo.models import resolve_model_path
 
-    folder = tmp_path_factory.mktemp("model") / "m"
+    folder = tmp_path / "model"
     shutil.copytree(resolve_model_path("tiny-arithmetic"), folder)
     return folder
 
@@ -409,3 +410,174 @@ def test_the_head_sizes_are_vllms():
     from sdpo.checks import VLLM_CPU_HEAD_SIZES
 
     assert list(VLLM_CPU_HEAD_SIZES) == cpu_attn.CPUAttentionBackend.get_supported_head_sizes()
+
+
+# --- second round: a verifier that fails is never feedback, and a failing run stops ---------------
+
+def test_a_verdict_is_checked_where_it_is_made():
+    from environments import Verdict
+
+    assert Verdict(reward=1).reward == 1.0 and isinstance(Verdict(reward=True).reward, float)
+    for bad, message in [({"reward": float("nan")}, "finite number in [0, 1], got nan"),
+                         ({"reward": 1.5}, "got 1.5"), ({"reward": -0.1}, "got -0.1"),
+                         ({"reward": "1"}, "must be a number in [0, 1], got str"),
+                         ({"reward": None}, "got NoneType"),
+                         ({"reward": 0.0, "feedback": 3}, "feedback must be a string or None, got int"),
+                         ({"reward": 0.0, "info": []}, "info must be a dict")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            Verdict(**bad)
+
+
+def test_verifier_failures_score_zero_with_no_feedback_without_ray(tmp_path):
+    """The worker's own logic, called in this process: raises, None, float, NaN, non-string feedback."""
+    from environments import Task
+    from sdpo.env_pool import EnvWorker
+
+    (tmp_path / "bad_verifiers.py").write_text(
+        "import math\nfrom environments import Environment, Task, Verdict\n"
+        "class Bad(Environment):\n"
+        "    def tasks(self, split):\n        return []\n"
+        "    def verify(self, task, completion):\n"
+        "        if completion == 'raise': raise KeyError('answer')\n"
+        "        if completion == 'none': return None\n"
+        "        if completion == 'float': return 1.0\n"
+        "        if completion == 'nan': return Verdict(math.nan)\n"
+        "        return Verdict(1.0, 'fine')\n")
+    worker = EnvWorker(f"{tmp_path / 'bad_verifiers.py'}:Bad", {})
+    tasks = [Task(id=str(i), messages=[{"role": "user", "content": "q"}]) for i in range(5)]
+    verdicts = worker.verify(tasks, ["raise", "none", "float", "nan", "ok"], timeout_s=5)
+    assert [v.reward for v in verdicts] == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert [v.feedback for v in verdicts] == [None, None, None, None, "fine"]
+    assert [v.info.get("verifier_failure") for v in verdicts] == ["error", "invalid", "invalid", "error", None]
+    assert "verify() returned NoneType" in verdicts[1].info["verifier_error"]
+    assert "verify() returned float" in verdicts[2].info["verifier_error"]
+
+
+def test_a_failed_verdict_gives_no_teacher_signal():
+    from environments import Task, Verdict
+    from sdpo.batch import build_batch
+    from sdpo.config import TeacherContextConfig
+    from sdpo.env_pool import failed
+    from sdpo.rollout.base import Completion
+    from sdpo.tiny.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    task = Task(id="0", messages=[{"role": "user", "content": "12+3"}])
+    group = [Completion(token_ids=tok.encode(t), logprobs=[-1.0] * 2, finish_reason="length") for t in ("15", "14", "13")]
+    # With threshold 0 even a reward of 0 is a success: a failed call must still be nobody's demonstration.
+    cfg = TeacherContextConfig(success_threshold=0.0)
+    verdicts = [failed("verify() raised KeyError: 'answer'", "error"), Verdict(0.0, "too low"), Verdict(1.0)]
+    samples, stats = build_batch([task], [tok.encode("P")], [group], [verdicts], tok, cfg, max_positions=2048)
+    assert samples[0].sd_mask == 0 and samples[0].teacher_prompt_ids == samples[0].prompt_ids
+    assert samples[0].advantage == 0.0  # no policy gradient from a sample that was never judged
+    # The judged samples learn from each other, never from the unjudged "15" or its error text.
+    texts = [tok.decode(sample.teacher_prompt_ids) for sample in samples[1:]]
+    assert "Correct solution:\n\n13" in texts[0] and "Correct solution:\n\n14" in texts[1]
+    assert not any("15" in text or "KeyError" in text for text in texts)
+    assert stats["teacher/no_verdict_frac"] == 1 / 3
+
+
+def test_a_teacher_prompt_never_runs_past_the_models_positions():
+    from environments import Task, Verdict
+    from sdpo.batch import build_batch
+    from sdpo.config import TeacherContextConfig
+    from sdpo.rollout.base import Completion
+    from sdpo.tiny.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    task = Task(id="long", messages=[{"role": "user", "content": "1+1 " * 20}])
+    prompt = tok.encode("1+1 " * 20)
+    group = [Completion(token_ids=tok.encode(t), logprobs=[-1.0] * len(t), finish_reason="length") for t in ("2", "3")]
+    positions = len(prompt) + 4
+    samples, _ = build_batch([task], [prompt], [group], [[Verdict(1.0), Verdict(0.0)]], tok, TeacherContextConfig(),
+                             max_positions=positions)
+    assert samples[1].sd_mask == 1
+    assert len(samples[1].teacher_prompt_ids) + len(samples[1].response_ids) == positions  # cut to fit, not past
+    with pytest.raises(ValueError, match="task 'long': its prompt .* longer than the model's 10 positions"):
+        build_batch([task], [prompt], [group], [[Verdict(1.0), Verdict(0.0)]], tok, TeacherContextConfig(), max_positions=10)
+
+
+def test_the_run_stops_when_the_verifier_keeps_failing():
+    from environments import Verdict
+    from sdpo.config import EnvironmentConfig
+    from sdpo.env_pool import FailureWatch, VerifierFailing, failed
+
+    bad, good = failed("verify() raised KeyError: 'answer'", "error"), Verdict(1.0)
+    watch = FailureWatch(EnvironmentConfig())
+    watch.record([bad, bad, good, good])  # some failures: counted and printed, the run goes on
+    with pytest.raises(VerifierFailing, match=r"failed on all 8 calls of one round \(error: 8\); the first: verify\(\) raised KeyError"):
+        watch.record([bad] * 8)
+    # Most of the calls over the window (5 rounds) fail, though never all of one round:
+    watch = FailureWatch(EnvironmentConfig())
+    for _ in range(4):
+        watch.record([bad] * 3 + [good])
+    with pytest.raises(VerifierFailing, match=r"failed on 15 of the 20 calls of the last 5 rounds \(more than 0.5\)"):
+        watch.record([bad] * 3 + [good])
+    never = FailureWatch(EnvironmentConfig(max_verifier_failure_frac=1.0))
+    for _ in range(10):
+        never.record([bad] * 8)
+    assert never.failures == {"error": 80}
+
+
+# --- second round: resume ------------------------------------------------------------------------
+
+def fake_checkpoint(run_dir: Path, step: int, overrides: list[str] = (), num_tasks: int | None = None) -> Path:
+    """A checkpoint directory as Checkpoints.save lays it out (the shard bytes are not real weights:
+    these tests read only what a resume checks before it loads anything)."""
+    import torch
+
+    from environments import load_environment
+    from sdpo.checkpoint import write_manifest
+    from sdpo.recipe import to_yaml
+
+    cfg = load_config(ROOT / QUICKSTART, [*overrides, f"logging.run_dir={run_dir}"])
+    if num_tasks is None:
+        num_tasks = len(load_environment(cfg.environment.name, cfg.environment.kwargs).tasks(cfg.environment.train_split))
+    path = run_dir / "checkpoints" / f"step_{step:06d}"
+    (path / "learner").mkdir(parents=True)
+    (path / "learner" / ".metadata").write_bytes(b"m" * 100)
+    (path / "learner" / "__0_0.distcp").write_bytes(b"w" * 5000)
+    for rank in range(cfg.learner.world_size):
+        torch.save({"rank": rank}, path / f"rank{rank}.pt")
+    torch.save({"step": step, "sampler": {"num_tasks": num_tasks}, "before": {}}, path / "driver.pt")
+    (path / "config.yaml").write_text(to_yaml(cfg))
+    write_manifest(path)
+    (path / "COMPLETE").write_text(f"step {step}\n")
+    return path
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_newest_that_verifies(tmp_path, capsys):
+    from sdpo.checkpoint import Checkpoints
+
+    older, newer = fake_checkpoint(tmp_path, 2), fake_checkpoint(tmp_path, 4)
+    checkpoints = Checkpoints(load_config(ROOT / QUICKSTART), tmp_path)
+    assert checkpoints.latest() == newer
+    with open(newer / "learner" / "__0_0.distcp", "r+b") as f:
+        f.truncate(1000)  # a shard cut short, though COMPLETE is there
+    assert checkpoints.latest() == older
+    assert checkpoints.skipped == [(newer, "learner/__0_0.distcp has 1000 bytes, 5000 were written")]
+    assert f"checkpoint {newer} is damaged and skipped: learner/__0_0.distcp has 1000 bytes" in capsys.readouterr().err
+    (older / "driver.pt").write_bytes(b"x" * (older / "driver.pt").stat().st_size)  # same size, other bytes
+    assert checkpoints.latest() is None
+    assert "driver.pt does not match the checksum recorded when it was written" in checkpoints.skipped[1][1]
+    (newer / "learner" / "__0_0.distcp").unlink()
+    assert "learner/__0_0.distcp is missing" in checkpoints.skipped[0][1] or checkpoints.latest() is None
+
+
+def test_resume_with_another_world_size_or_model(tmp_path, tiny_copy):
+    run_dir = tmp_path / "run"
+    fake_checkpoint(run_dir, 2, ["learner.world_size=1"])
+    out = run_cli(QUICKSTART, f"logging.run_dir={run_dir}")
+    assert_rejected(out, f"logging.run_dir='{run_dir}' holds {run_dir}/checkpoints/step_000002, which this config cannot "
+                         "resume: learner.world_size 1 -> 2", "checkpoint.resume=never")
+    out = run_cli(QUICKSTART, f"logging.run_dir={run_dir}", "learner.world_size=1", f"model.path={tiny_copy}")
+    assert_rejected(out, f"model.path 'tiny-arithmetic' -> '{tiny_copy}'")
+    # The same config resumes (preflight passes), and checkpoint.resume=never starts over.
+    preflight(load_config(ROOT / QUICKSTART, [f"logging.run_dir={run_dir}", "learner.world_size=1"]))
+    preflight(load_config(ROOT / QUICKSTART, [f"logging.run_dir={run_dir}", "checkpoint.resume=never"]))
+
+
+def test_resume_with_other_data(tmp_path):
+    run_dir = tmp_path / "run"
+    fake_checkpoint(run_dir, 2, num_tasks=7)
+    assert_rejected(run_cli(QUICKSTART, f"logging.run_dir={run_dir}"), "which this config cannot resume: training tasks 7 -> ")
