@@ -464,16 +464,14 @@ def test_a_failed_verdict_gives_no_teacher_signal():
     tok = build_tokenizer()
     task = Task(id="0", messages=[{"role": "user", "content": "12+3"}])
     group = [Completion(token_ids=tok.encode(t), logprobs=[-1.0] * 2, finish_reason="length") for t in ("15", "14", "13")]
-    # With threshold 0 even a reward of 0 is a success: a failed call must still be nobody's demonstration.
-    cfg = TeacherContextConfig(success_threshold=0.0)
     verdicts = [failed("verify() raised KeyError: 'answer'", "error"), Verdict(0.0, "too low"), Verdict(1.0)]
-    samples, stats = build_batch([task], [tok.encode("P")], [group], [verdicts], tok, cfg, max_positions=2048)
+    samples, stats = build_batch([task], [tok.encode("P")], [group], [verdicts], tok, TeacherContextConfig(),
+                                 max_positions=2048)
+    # The unjudged sample gets neither the successful sibling "13" nor its own error text.
     assert samples[0].sd_mask == 0 and samples[0].teacher_prompt_ids == samples[0].prompt_ids
-    assert samples[0].advantage == 0.0  # no policy gradient from a sample that was never judged
-    # The judged samples learn from each other, never from the unjudged "15" or its error text.
-    texts = [tok.decode(sample.teacher_prompt_ids) for sample in samples[1:]]
-    assert "Correct solution:\n\n13" in texts[0] and "Correct solution:\n\n14" in texts[1]
-    assert not any("15" in text or "KeyError" in text for text in texts)
+    assert samples[0].advantage == 0.0  # and no policy gradient
+    text = tok.decode(samples[1].teacher_prompt_ids)
+    assert samples[1].sd_mask == 1 and "Correct solution:\n\n13" in text and "KeyError" not in text
     assert stats["teacher/no_verdict_frac"] == 1 / 3
 
 
