@@ -21,7 +21,7 @@ class Section(BaseModel):
 class TeacherContextConfig(Section):
     """How each sample's teacher prompt is built from its group (SPEC section 2)."""
 
-    success_threshold: float = 0.5
+    success_threshold: float = Field(0.5, gt=0.0, le=1.0)  # rewards are in [0, 1] (environments.Verdict)
     dont_reprompt_on_self_success: bool = True
     remove_thinking_from_demonstration: bool = True
     include_environment_feedback: bool = True

@@ -73,13 +73,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def split_recipe(args: list[str]) -> tuple[str, list[str]]:
-    """The recipe is the one argument that is not ``key=value`` (or is an existing file), wherever it is."""
-    recipes = [a for a in args if "=" not in a or Path(a).is_file()]
-    if len(recipes) != 1:
-        found = f"got {len(recipes)}: {', '.join(map(repr, recipes))}" if recipes else "got none"
-        raise RecipeError(f"give one recipe file and then dotted.key=value overrides, e.g. "
-                          f"python -m sdpo.run recipes/quickstart.yaml steps=50 ({found})")
-    return recipes[0], [a for a in args if a is not recipes[0]]
+    """The recipe is the argument that names a file (or a .yaml path, or else the first one that is
+    not ``key=value``), wherever it is; the rest are overrides."""
+    files = [a for a in args if Path(a).is_file() or a.endswith((".yaml", ".yml"))]
+    if len(files) > 1:
+        raise RecipeError(f"give one recipe file, then dotted.key=value overrides (got {len(files)}: "
+                          f"{', '.join(map(repr, files))})")
+    recipe = files[0] if files else next((a for a in args if "=" not in a), None)
+    if recipe is None:
+        raise RecipeError("give one recipe file, then dotted.key=value overrides, e.g. python -m sdpo.run "
+                          "recipes/quickstart.yaml steps=50 (got none)")
+    rest = list(args)
+    rest.remove(recipe)
+    return recipe, rest
 
 
 def preflight(cfg: Config) -> tuple:
@@ -208,7 +214,8 @@ def check_wandb(cfg: Config) -> list[str]:
     problem = None
     if not os.environ.get("WANDB_API_KEY"):
         try:
-            has_key = netrc.netrc().authenticators(host.split(":")[0]) is not None
+            # `wandb login` writes the key to ~/.netrc, or to $NETRC when that is set (as wandb reads it).
+            has_key = netrc.netrc(os.environ.get("NETRC")).authenticators(host.split(":")[0]) is not None
         except (OSError, netrc.NetrcParseError):
             has_key = False
         if not has_key:
