@@ -86,26 +86,23 @@ def check_prompt_lengths(cfg: Config, tasks_by_split: dict[str, list], facts: di
     """Every task's prompt must fit the rollout engine's context (vLLM refuses a longer one, mid-run)."""
     if facts is None:
         return []
-    from sdpo.chat import chat_ids
+    from sdpo.chat import bind_template_kwargs, chat_ids
     from sdpo.models import load_tokenizer, resolve_model_path
 
-    tokenizer = load_tokenizer(resolve_model_path(cfg.model.path))
+    tokenizer = bind_template_kwargs(load_tokenizer(resolve_model_path(cfg.model.path)), cfg.model.chat_template_kwargs)
     tokenizer.model_max_length = 1 << 62  # the limit is checked below, with the task named: no transformers warning
     window, response = facts["window"], cfg.rollout.max_response_tokens
-    cut = 0
     for key in ("train_split", "eval_split"):
         split = getattr(cfg.environment, key)
         for index, task in enumerate(tasks_by_split.get(split, [])):
             length = len(chat_ids(tokenizer, task.messages))
-            if length >= window:
+            if length > window - response:
                 raise ValueError(f"task {task.id!r} (#{index}) of environment.{key}={split!r} has a prompt of {length} "
-                                 f"tokens; the model's context ({window} tokens: model.path={cfg.model.path!r} and "
-                                 "its rollout engine) takes fewer than that, with room for a response: drop or "
-                                 "shorten such tasks in the environment")
-            cut += length + response > window
-    if cut:
-        return [f"{cut} prompts leave fewer than rollout.max_response_tokens={response} tokens of the model's "
-                f"{window}-token context: their responses are cut at the context's end"]
+                                 f"tokens; the rollout engines' context ({window} tokens: rollout.max_prompt_tokens="
+                                 f"{cfg.rollout.max_prompt_tokens} plus rollout.max_response_tokens={response}, within "
+                                 f"the {facts['positions']} positions of model.path={cfg.model.path!r}) leaves only "
+                                 f"{window - response} for a prompt: raise rollout.max_prompt_tokens, or drop or shorten "
+                                 "such tasks in the environment")
     return []
 
 
