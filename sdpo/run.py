@@ -244,8 +244,8 @@ def check_environment(env_cfg: EnvironmentConfig) -> tuple:
         try:
             tasks = tasks_by_split[split] = list(env.tasks(split))
         except (Exception, SystemExit) as err:  # e.g. KeyError: a dataset row without the field the environment reads
-            raise ValueError(f"{where} raised {type(err).__name__}: {err}. Check the split name and that the "
-                             "dataset has the fields this environment reads") from None
+            raise ValueError(f"{where} raised {type(err).__name__}: {err}. Check the split name, environment.kwargs, "
+                             "and that the dataset has the fields this environment reads") from None
         if not tasks:
             raise ValueError(f"{where} returned no tasks: check the split name and the dataset")
         for index, task in enumerate(tasks):
@@ -267,6 +267,8 @@ def task_problem(task, task_type: type) -> str | None:
             got = sorted(message) if isinstance(message, dict) else type(message).__name__
             return (f"has a bad messages[{i}] (got {got}): each message needs 'role' (one of {sorted(CHAT_ROLES)}) "
                     "and 'content' (a string)")
+    if not any(m["role"] == "user" for m in task.messages):  # the teacher's reprompt rewrites the last user message
+        return "has no 'user' message: the prompt must ask something (the teacher's context rewrites the last user message)"
     if not isinstance(task.data, dict):
         return f"has data of type {type(task.data).__name__}: Task.data must be a dict"
     return None

@@ -115,9 +115,9 @@ def test_a_user_environment_loads_from_a_file_outside_any_package(tmp_path):
         "from environments import Environment, Task, Verdict\nfrom helper import ANSWER\n"
         "class Mine(Environment):\n    def __init__(self, bonus=0.0):\n        self.bonus = bonus\n"
         "    def tasks(self, split):\n        return [Task(id='0', messages=[{'role': 'user', 'content': '?'}])]\n"
-        "    def verify(self, task, completion):\n        return Verdict(float(completion == ANSWER) + self.bonus)\n")
+        "    def verify(self, task, completion):\n        return Verdict(float(completion == ANSWER) * self.bonus)\n")
     env = load_environment(f"{tmp_path}/my_env.py:Mine", {"bonus": 0.5})
-    assert isinstance(env, Environment) and env.verify(env.tasks("train")[0], "42").reward == 1.5
+    assert isinstance(env, Environment) and env.verify(env.tasks("train")[0], "42").reward == 0.5
     with pytest.raises(ValueError, match="does not exist"):
         load_environment(f"{tmp_path}/nope.py:Mine")
     with pytest.raises(ValueError, match="has no 'Other'"):
