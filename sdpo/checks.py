@@ -164,8 +164,13 @@ def _gives_feedback(env: Any, task: Any, timeout_s: float) -> bool:
 
 # Settings a checkpoint's state depends on: another value cannot load it (shapes, ranks) or would
 # continue on other data without saying so.
-RESUME_KEYS = ("learner.world_size", "model.path", "teacher.kind", "teacher.path", "loss.objective",
-               "environment.name", "environment.train_split")
+RESUME_KEYS = ("learner.world_size", "model.path", "teacher.path", "environment.name", "environment.train_split")
+
+
+def _teacher_state(config: dict) -> str:
+    """What teacher a checkpoint holds: a separate teacher model is saved except for GRPO and the live teacher."""
+    kind, objective = _get(config, "teacher.kind"), _get(config, "loss.objective")
+    return "none (teacher.kind=live or loss.objective=grpo)" if kind == "live" or objective == "grpo" else "a teacher model"
 
 
 def check_resume(cfg: Config, tasks_by_split: dict[str, list]) -> list[str]:
@@ -184,6 +189,8 @@ def check_resume(cfg: Config, tasks_by_split: dict[str, list]) -> list[str]:
     then = recorded_config(latest)
     now = cfg.model_dump(mode="json")
     differs = [f"{key} {_get(then, key)!r} -> {_get(now, key)!r}" for key in RESUME_KEYS if _get(then, key) != _get(now, key)]
+    if _teacher_state(then) != _teacher_state(now):
+        differs.append(f"teacher state {_teacher_state(then)} -> {_teacher_state(now)}")
     num_tasks = checkpoints.load_driver_state(latest).get("sampler", {}).get("num_tasks")
     have = len(tasks_by_split[cfg.environment.train_split])
     if num_tasks is not None and num_tasks != have:

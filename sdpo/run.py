@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 def split_recipe(args: list[str]) -> tuple[str, list[str]]:
     """The recipe is the argument that names a file (or a .yaml path, or else the first one that is
     not ``key=value``), wherever it is; the rest are overrides."""
-    files = [a for a in args if Path(a).is_file() or a.endswith((".yaml", ".yml"))]
+    files = [a for a in args if Path(a).is_file() or ("=" not in a and a.endswith((".yaml", ".yml")))]
     if len(files) > 1:
         raise RecipeError(f"give one recipe file, then dotted.key=value overrides (got {len(files)}: "
                           f"{', '.join(map(repr, files))})")
