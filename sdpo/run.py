@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 def split_recipe(args: list[str]) -> tuple[str, list[str]]:
     """The recipe is the argument that names a file (or a .yaml path, or else the first one that is
     not ``key=value``), wherever it is; the rest are overrides."""
-    files = [a for a in args if Path(a).is_file() or a.endswith((".yaml", ".yml"))]
+    files = [a for a in args if Path(a).is_file() or ("=" not in a and a.endswith((".yaml", ".yml")))]
     if len(files) > 1:
         raise RecipeError(f"give one recipe file, then dotted.key=value overrides (got {len(files)}: "
                           f"{', '.join(map(repr, files))})")
@@ -252,8 +252,8 @@ def check_environment(env_cfg: EnvironmentConfig) -> tuple:
         try:
             tasks = tasks_by_split[split] = list(env.tasks(split))
         except (Exception, SystemExit) as err:  # e.g. KeyError: a dataset row without the field the environment reads
-            raise ValueError(f"{where} raised {type(err).__name__}: {err}. Check the split name and that the "
-                             "dataset has the fields this environment reads") from None
+            raise ValueError(f"{where} raised {type(err).__name__}: {err}. Check the split name, environment.kwargs, "
+                             "and that the dataset has the fields this environment reads") from None
         if not tasks:
             raise ValueError(f"{where} returned no tasks: check the split name and the dataset")
         for index, task in enumerate(tasks):
@@ -275,6 +275,8 @@ def task_problem(task, task_type: type) -> str | None:
             got = sorted(message) if isinstance(message, dict) else type(message).__name__
             return (f"has a bad messages[{i}] (got {got}): each message needs 'role' (one of {sorted(CHAT_ROLES)}) "
                     "and 'content' (a string)")
+    if not any(m["role"] == "user" for m in task.messages):  # the teacher's reprompt rewrites the last user message
+        return "has no 'user' message: the prompt must ask something (the teacher's context rewrites the last user message)"
     if not isinstance(task.data, dict):
         return f"has data of type {type(task.data).__name__}: Task.data must be a dict"
     return None

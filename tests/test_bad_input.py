@@ -581,3 +581,33 @@ def test_resume_with_other_data(tmp_path):
     run_dir = tmp_path / "run"
     fake_checkpoint(run_dir, 2, num_tasks=7)
     assert_rejected(run_cli(QUICKSTART, f"logging.run_dir={run_dir}"), "which this config cannot resume: training tasks 7 -> ")
+
+
+# --- further bad inputs a new user makes (docs/bad_input.md, "further") ---------------------------
+
+@pytest.mark.parametrize("override, expected", [
+    ("logging.run_dir=", "logging.run_dir: String should have at least 1 character"),
+    ("model.path=", "model.path: String should have at least 1 character"),
+    ("optimizer.betas=[0.9]", "optimizer.betas must be two numbers, e.g. [0.9, 0.999], got [0.9]"),
+    ("teacher_context.success_threshold=2", "teacher_context.success_threshold: Input should be less than or equal to 1"),
+    ("teacher_context.reprompt_template='{solution}{feedback}'", "teacher_context.reprompt_template has no {prompt}"),
+    ("rollout.max_response_tokens=100000", None),  # needs the model: checked by a real run's preflight
+])
+def test_further_settings(override, expected):
+    if expected is None:
+        assert_rejected(run_cli(QUICKSTART, override), "rollout.max_response_tokens=100000 leaves no room for a prompt")
+    else:
+        assert_rejected(run_cli(QUICKSTART, override, "--dry-run"), expected)
+
+
+def test_a_task_without_a_user_message(tmp_path):
+    (tmp_path / "sys_env.py").write_text(
+        "from environments import Environment, Task, Verdict\nclass S(Environment):\n"
+        "    def tasks(self, split):\n        return [Task(id='a', messages=[{'role': 'system', 'content': 'be brief'}])]\n"
+        "    def verify(self, task, completion):\n        return Verdict(0.0)\n")
+    assert_rejected(run_cli(QUICKSTART, "environment.name=sys_env:S", pythonpath=tmp_path),
+                    "task 'a' (#0) has no 'user' message")
+
+
+def test_a_home_relative_run_dir_is_expanded():
+    assert load_config(ROOT / QUICKSTART, ["logging.run_dir=~/runs/{name}"]).logging.run_dir == os.path.expanduser("~/runs/{name}")
