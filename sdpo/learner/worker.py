@@ -27,6 +27,8 @@ from sdpo.rollout.transports.broadcast import join_weight_group
 from sdpo.rollout.transports.learner_side import iter_full_tensors, push_weights
 from sdpo.rollout.weights import savable, write_weights
 
+_PER_STEP = {"loss", "sd_loss", "pg_loss"}  # metrics whose value per step is already a mean over its (mini-)batch
+
 
 class LearnerWorker:
     def __init__(self, rank: int, world_size: int, config_json: str, model_path: str):
@@ -303,9 +305,6 @@ class LearnerWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-_PER_STEP = {"loss", "sd_loss", "pg_loss"}  # each step's value is already a mean over its batch
 
 
 def _node_ip() -> str:
