@@ -26,6 +26,8 @@ from sdpo.weight_sync.broadcast import join_weight_group
 from sdpo.weight_sync.learner_side import iter_full_tensors, push_weights
 from sdpo.weight_sync.files import savable, write_weights
 
+_PER_STEP = {"loss", "sd_loss", "pg_loss"}  # metrics whose value per step is already a mean over its (mini-)batch
+
 
 class LearnerWorker:
     def __init__(self, rank: int, world_size: int, config_json: str, model_path: str):
@@ -306,9 +308,6 @@ class LearnerWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-_PER_STEP = {"loss", "sd_loss", "pg_loss"}  # each step's value is already a mean over its batch
 
 
 def _node_ip() -> str:
