@@ -4,42 +4,57 @@
                            limits=SandboxLimits(wall_s=5))
 
 Every run gets: a separate process started from a fresh interpreter, a wall-clock limit enforced by
-the caller (on expiry the whole process group is SIGKILLed), a CPU-time limit (RLIMIT_CPU), an
-address-space limit (RLIMIT_AS), a file-size limit (RLIMIT_FSIZE), a process-count limit
-(RLIMIT_NPROC), few open files (RLIMIT_NOFILE), no core dumps, a scrubbed environment (only the
-variables passed in), a fresh working directory holding only the given files, and stdout/stderr
-capped at ``output_bytes`` each (the run is killed when it writes more).
+the caller, a CPU-time limit (RLIMIT_CPU), an address-space limit (RLIMIT_AS), a file-size limit
+(RLIMIT_FSIZE), a process-count limit (RLIMIT_NPROC), few open files (RLIMIT_NOFILE), no core dumps,
+a scrubbed environment (only the variables passed in, plus ``SDPO_SANDBOX_LEVEL``), a fresh private
+working directory holding only the given files (removed afterwards), a fresh empty session keyring
+(and, for a uid of its own, emptied user keyrings), and stdout/stderr capped at ``output_bytes``
+each (the run is killed when it writes more).
+
+A supervisor process (``sandbox_launcher.py``) sits between the caller and the program. The caller
+holds the only write end of a "lifeline" pipe to it: when the caller ends the run (wall clock,
+output cap) or dies -- even by SIGKILL -- the supervisor kills the whole run and removes the
+scratch directory. The program's processes die with the supervisor (PR_SET_PDEATHSIG).
+
+Where the machine lets us make cgroups (root, or a delegated cgroup; v2, v1 or hybrid, see
+``sandbox_cgroup.py``), each run has its own, a child of the caller's, and then also:
+  - memory: ``total_memory_mib`` for the whole run -- every process, SysV shared memory, memfd and
+    tmpfs pages, kernel memory (inodes) -- enforced by the kernel's OOM killer (``memory_limited``);
+  - processes: ``processes`` (+4 for the set-up) for the whole run, whatever uid;
+  - CPU: the whole tree's CPU time (``cpu_s`` in the result) is held to ``limits.cpu_s``
+    (``cpu_total_limited``), and a judge inside can read it (``SDPO_SANDBOX_CPU_FILE``);
+  - the end: every member is killed (``cgroup.kill`` or a kill loop), setsid() daemons included.
+Without cgroups the result says ``cgroup=False`` and a warning is logged once: memory is then bounded
+per process only, CPU per process (NPROC x CPU), and at the rlimits level daemons may survive.
 
 Two levels, chosen automatically (``level="auto"``) and reported in every result:
 
-``namespaces`` (Linux with util-linux ``unshare``, which Debian/Ubuntu always ship, and user
-namespaces or root). What holds, beyond the list above:
+``namespaces`` (Linux x86-64 with user namespaces, or root). What holds, beyond the list above:
   - No network: a fresh network namespace with only a down loopback; connect() fails.
   - No files of the machine: the program sees a minimal root built on a tmpfs -- read-only binds of
     /usr (and /bin, /lib*, /sbin links), the Python install, /etc/ld.so.cache and four /dev nodes --
-    then ``pivot_root`` and a detached old root. The project's source, /etc/shadow, /root, /home,
-    other runs' files do not exist in it. The root is read-only; only /sandbox (the working dir) and
-    /tmp are writable, each a tmpfs capped in size (``workdir_mib``, ``tmp_mib``), so no write can
-    reach the disk.
+    then ``pivot_root`` and a detached old root. The project's source and datasets, /etc/shadow,
+    /root, /home, other runs' files do not exist in it. The root is read-only; only /sandbox (the
+    working dir) and /tmp are writable, each a tmpfs capped in size (``workdir_mib``, ``tmp_mib``)
+    and in files (``inodes``), so no write can reach the disk.
   - No privileges: as root, the program runs under an unprivileged uid of its own (from
     200000 up), so RLIMIT_NPROC is enforced (the kernel exempts uid 0) and it cannot signal
     anything outside. As a normal user, it runs as root of its own user namespace with an empty capability
     bounding set, so it holds no capabilities after execve, and RLIMIT_NPROC counts only the
     processes of that namespace. ``no_new_privs`` is set.
+  - Its own IPC namespace: SysV shared memory, semaphores and queues vanish with the run.
   - Nothing outlives the run: a fresh PID namespace whose PID 1 is our launcher; when it exits or is
-    killed (``unshare --kill-child``) the kernel kills every process left in it, daemons included.
-    The program cannot see or signal processes outside; killing its parent ends its own run.
+    killed the kernel kills every process left in it, daemons included.
   - The verdict channel is a pipe the program cannot reach; test expectations never enter the cage.
-  Not covered: CPU time across many forked processes is limited per process (NPROC x CPU bounds it),
-  kernel exploits, and side channels. Memory use is bounded per process by RLIMIT_AS; tmpfs pages
-  count too (bounded by the two tmpfs sizes).
+  Not covered: kernel exploits and side channels.
 
-``rlimits`` (fallback: no ``unshare``, user namespaces disabled, or not Linux x86-64). Only the list
-in the first paragraph holds. When running as root the program still runs under an unprivileged
-uid (so /etc/shadow, /root and other 0700/0600 files are unreadable and NPROC holds), but
-world-readable files, the network and other users' processes are reachable, and a child that calls
-setsid() can escape the process-group kill. Use it for trusted code or inside a container/VM.
-A warning is logged once when the fallback is taken.
+``rlimits`` (fallback: no user namespaces, or not Linux x86-64). Only the common list holds, plus,
+as root, an unprivileged uid of its own (so /etc/shadow, /root and other 0700/0600 files are
+unreadable, NPROC holds, and its SysV IPC objects are removed after the run). World-readable files
+(the project, its datasets), world-writable directories (/tmp, /dev/shm), the network and the
+caller's other processes are reachable. Use it for trusted code or inside a container/VM: the code
+environment refuses it for model-written code unless asked for as ``unsafe-rlimits``
+(``level_for_untrusted_code``). A warning is logged once when the fallback is taken.
 """
 
 from __future__ import annotations
@@ -296,6 +311,9 @@ def _run(spec_path: str, stdin: bytes, limits: SandboxLimits, level: str) -> San
     report = json.loads(raw) if raw else {}
     if "setup_error" in report:
         raise SandboxError(f"sandbox set-up failed ({level}): {report['setup_error']}; stderr: {stderr[-500:]!r}")
+    if "cleanup_error" in report:
+        log.warning("sandbox: cleaning up after a run failed (%s): a cgroup or scratch dir may be left",
+                    report["cleanup_error"])
     exit_code, sig = report.get("exit"), report.get("signal")
     if exit_code is None and sig is None:  # the program never reported: it was killed with its cage
         sig = signal.SIGKILL

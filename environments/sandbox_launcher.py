@@ -269,7 +269,7 @@ def remove_ipc_of(uid: int) -> None:
         for row in rows:
             fields = row.split()
             if uid in (int(fields[column["uid"]]), int(fields[column["cuid"]])):
-                ctl(int(fields[column["id"]]), 0, None)  # IPC_RMID
+                ctl(int(fields[1]), 0, None)  # IPC_RMID; the second column is shmid, semid or msqid
 
 
 def _stop(*_) -> None:
@@ -329,13 +329,16 @@ def main() -> None:
     except BaseException as err:  # noqa: BLE001
         report["setup_error"] = f"{type(err).__name__}: {err}"
     finally:
-        if group is not None:
-            group.kill()
-            group.remove()
-        if not spec.get("isolate") and spec.get("uid") is not None:
-            remove_ipc_of(spec["uid"])
-        if spec.get("scratch"):
-            shutil.rmtree(spec["scratch"], ignore_errors=True)
+        try:
+            if group is not None:
+                group.kill()
+                group.remove()
+            if not spec.get("isolate") and spec.get("uid") is not None:
+                remove_ipc_of(spec["uid"])
+            if spec.get("scratch"):
+                shutil.rmtree(spec["scratch"], ignore_errors=True)
+        except BaseException as err:  # noqa: BLE001 -- still report, and say what was left behind
+            report["cleanup_error"] = f"{type(err).__name__}: {err}"
         try:
             os.write(status_fd, json.dumps(report).encode())
         except OSError:

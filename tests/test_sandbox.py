@@ -382,7 +382,7 @@ def test_inodes_are_bounded_and_the_scratch_dir_goes(level):
         where = '/tmp' if os.environ['SDPO_SANDBOX_LEVEL'] == 'namespaces' else '.'
         n = 0
         try:
-            for n in range(20000):
+            for n in range(5000):
                 open(f'{where}/f{n}', 'w').close()
         except OSError as err:
             print('stopped', err.errno)
