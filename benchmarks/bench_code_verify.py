@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from environments.code import Code  # noqa: E402
-from environments import sandbox  # noqa: E402
-from environments.sandbox import python_argv, resolve_level, run_sandboxed  # noqa: E402
+from environments import sandbox
+from environments.code import Code
+from environments.sandbox import python_argv, resolve_level, run_sandboxed
 
 
 def tasks_per_s(env: Code, rounds: int, concurrency: int) -> tuple[float, int]:

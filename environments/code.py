@@ -21,7 +21,12 @@ from typing import Any
 
 from environments.base import Environment, Task, Verdict
 from environments.loaders import load_rows
-from environments.sandbox import SandboxLimits, level_for_untrusted_code, python_argv, run_sandboxed
+from environments.sandbox import (
+    SandboxLimits,
+    level_for_untrusted_code,
+    python_argv,
+    run_sandboxed,
+)
 
 FIELD_CHARS = 250
 FEEDBACK_CHARS = 2000

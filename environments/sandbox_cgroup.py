@@ -121,7 +121,7 @@ class SandboxCgroup:
         self.jobs, self.dirs = jobs, dirs  # dirs: job -> this run's directory
 
     @classmethod
-    def create(cls, jobs: dict, name: str, memory_bytes: int, pids: int) -> "SandboxCgroup":
+    def create(cls, jobs: dict, name: str, memory_bytes: int, pids: int) -> SandboxCgroup:
         dirs, made = {}, {}
         group = cls(jobs, dirs)
         try:
