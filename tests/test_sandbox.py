@@ -592,3 +592,21 @@ def test_model_written_code_refuses_the_rlimits_level_unless_named_unsafe(monkey
         if ROOTED:
             monkeypatch.setattr(code_env, "python_argv", lambda script: argv_at("rlimits", script))
         assert code_env.Code(sandbox_level=sandbox.UNSAFE_RLIMITS).verify(task, task.demonstration).reward == 1.0
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_judge_cannot_be_ptraced_or_read_by_the_program(level, monkeypatch):
+    verdict = judge(level, monkeypatch, textwrap.dedent("""
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        judge = os.getppid()
+        print('attach', libc.ptrace(16, judge, None, None))  # PTRACE_ATTACH to the harness
+        for path in (f'/proc/{judge}/mem', f'/proc/{judge}/fd/1'):
+            try:
+                open(path, 'rb' if path.endswith('mem') else 'wb').close()
+                print('OPENED', path)
+            except OSError:
+                print('denied')
+    """), [{"input": "1\n", "output": "never\n"}])
+    assert verdict.reward == 0.0 and "attach -1" in verdict.feedback, verdict
+    assert "OPENED" not in verdict.feedback and verdict.feedback.count("denied") == 2, verdict
