@@ -15,6 +15,7 @@ from pathlib import Path
 from sdpo.cluster import check_fits_locally, describe_placement, placement
 from sdpo.config import Config, EnvironmentConfig
 from sdpo.recipe import RecipeError, load_config, to_yaml
+from sdpo.sizing import fit_to_model
 
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and actor placement, then exit")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.recipe, args.overrides)
+        cfg, sized = fit_to_model(load_config(args.recipe, args.overrides))  # unset sizes chosen for the model
         check_fits_locally(cfg)
         if not args.dry_run:  # a dry run stays offline-safe: it may describe a cluster recipe on a laptop
             environment = preflight(cfg)
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(to_yaml(cfg))
         print(describe_placement(cfg))
+        print("".join(f"chosen: {reason}\n" for reason in sized), end="")
         return 0
+    for reason in sized:
+        print(f"[sdpo] chosen: {reason}", flush=True)
     from sdpo.checkpoint import CheckpointError
     from sdpo.trainer import train
 

@@ -22,6 +22,7 @@ from sdpo.config import Config
 from sdpo.learner.model import (checkpoint_layers, lm_head_weight, load_causal_lm, pick_attention, response_hidden,
                                 response_logits, shard)
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
+from sdpo.learner.single_rank import local_full_state
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.rollout.transports.broadcast import join_weight_group
 from sdpo.rollout.transports.learner_side import iter_full_tensors, push_weights
@@ -187,7 +188,8 @@ class LearnerWorker:
         if teacher and self.teacher is None:
             raise ValueError(f"teacher.kind={self.cfg.teacher.kind!r} with loss.objective={self.cfg.loss.objective!r} keeps no separate teacher weights")
         model = self.teacher if teacher else self.student
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = (local_full_state(model) if self.world_size == 1  # one rank: its shards are whole, nothing to gather
+                 else get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
         path = write_weights(state, directory, version) if self.rank == 0 else None
         dist.barrier()
         return path
