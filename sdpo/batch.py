@@ -44,6 +44,7 @@ def build_batch(
 ) -> tuple[list[TrainSample], dict[str, float]]:
     samples: list[TrainSample] = []
     with_solution = with_feedback = 0
+    rendered: dict[str, list[int]] = {}  # chat template output per distinct teacher context
     for task, ids, group, group_verdicts in zip(tasks, prompt_ids, groups, verdicts):
         texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
         contexts = build_teacher_contexts(
@@ -53,9 +54,11 @@ def build_batch(
         rewards = torch.tensor([v.reward for v in group_verdicts])
         advantages = group_advantages(rewards, torch.zeros(len(rewards)), normalize_std=std_normalize_advantages).tolist()
         for completion, context, advantage in zip(group, contexts, advantages):
-            teacher_ids = ids if not context.sd_mask else truncate_prompt_ids(
-                chat_ids(tokenizer, context.messages), cfg.max_teacher_prompt_tokens, cfg.teacher_truncation
-            )
+            key = repr(context.messages)  # siblings shown the same demonstration share one teacher prompt
+            if context.sd_mask and key not in rendered:
+                rendered[key] = truncate_prompt_ids(chat_ids(tokenizer, context.messages), cfg.max_teacher_prompt_tokens,
+                                                    cfg.teacher_truncation)
+            teacher_ids = rendered[key] if context.sd_mask else ids
             samples.append(TrainSample(ids, completion.token_ids, completion.logprobs, teacher_ids, context.sd_mask, advantage))
             with_solution += context.has_solution
             with_feedback += context.has_feedback

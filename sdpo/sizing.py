@@ -1,4 +1,4 @@
-"""Defaults that fit the model and the machine: learner ranks and their threads.
+"""Defaults that fit the model and the machine: how many learner ranks.
 
 A key the user set (in the recipe or an override) is never touched; a key left at its default is
 chosen here from the model's parameter count and the cores, and each choice comes with a reason
@@ -11,6 +11,10 @@ quickstart (0.6M parameters, 2 cores) one rank with 2 threads was faster than tw
 thread each (benchmarks/RESULTS.md, "End to end"). Past `SINGLE_RANK_MAX_PARAMS` the training
 state (fp32 weights, gradients, AdamW moments and the teacher: ~20 bytes a parameter) is what
 sharding is for, so the default stays at 2 ranks.
+
+Threads stay at `learner.torch_threads_per_rank` (1): one rank with 2 threads learned 7x slower
+than with 1 on the shared, loaded 2-core machine (OpenMP threads wait on each other when one is
+descheduled), so more threads are for machines the run has to itself; set the key there.
 """
 
 from __future__ import annotations
@@ -61,15 +65,6 @@ def fit_to_model(cfg: Config, model_path: str | None = None) -> tuple[Config, li
         reasons.append(f"learner.world_size=1: the model has {params / 1e6:.2f}M parameters (< "
                        f"{SINGLE_RANK_MAX_PARAMS / 1e6:.0f}M), so one rank holds its training state and a second "
                        "would only add FSDP collectives; set learner.world_size to shard it")
-    ranks = chosen.get("world_size", learner.world_size)
-    if cfg.device == "cpu" and "torch_threads_per_rank" not in learner.model_fields_set:
-        # Phases run one after another, so the learner has every core of the cluster while it trains.
-        cores = cfg.ray.num_cpus or os.cpu_count() or 1
-        threads = max(1, cores // ranks)
-        if threads != learner.torch_threads_per_rank:
-            chosen["torch_threads_per_rank"] = threads
-            reasons.append(f"learner.torch_threads_per_rank={threads}: {cores} cores over {ranks} rank(s); the "
-                           "rollout engine and the learner take turns, so the learner gets them all")
     if not chosen:
         return cfg, reasons
     # model_copy keeps model_fields_set; the chosen keys join it, so a second pass changes nothing.

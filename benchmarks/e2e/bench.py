@@ -30,8 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.join(HERE, "..", "..")
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "learner"), ROOT]
 
-from harness import interleave, load_average, started  # noqa: E402
-from workload import SIZES, save_plan  # noqa: E402
+from e2e_plan import SIZES, save_plan
+from harness import interleave, load_average, started
 
 TRL_PYTHON = os.environ.get("TRL_PYTHON", "/tmp/venv-trl/bin/python")
 MODELS_DIR = os.environ.get("SDPO_E2E_MODELS", os.path.join(tempfile.gettempdir(), "sdpo-e2e-models"))

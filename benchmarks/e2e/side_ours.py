@@ -18,8 +18,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "learner"), os.path.join(HERE, "..", "..")]
 
-from protocol import reply  # noqa: E402
-from workload import load_plan  # noqa: E402
+from e2e_plan import load_plan
+from protocol import reply
 
 
 def overrides_for(plan: dict) -> list[str]:

@@ -21,10 +21,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.join(HERE, "..", "learner"), os.path.join(HERE, "..", "..")]
 
-import torch  # noqa: E402
-
-from protocol import reply  # noqa: E402
-from workload import load_plan  # noqa: E402
+import torch
+from e2e_plan import load_plan
+from protocol import reply
 
 
 def main() -> None:
@@ -67,7 +66,7 @@ def main() -> None:
         remove_thinking_from_demonstration=True, include_environment_feedback=True,
         environment_feedback_only_without_solution=True, max_reprompt_len=10240,
         model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"},
-        dataloader_num_workers=0,
+        dataloader_num_workers=0, gradient_checkpointing=False, bf16=False,  # ours: fp32, no activation checkpointing
     )
     trainer = SDPOTrainer(model=plan["model_path"], reward_funcs=[reward], args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer)

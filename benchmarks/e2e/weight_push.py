@@ -32,9 +32,11 @@ def main() -> None:
     p.add_argument("model", nargs="?", default=None)
     p.add_argument("--repeat", type=int, default=10)
     a = p.parse_args()
-    import torch
     from safetensors import safe_open
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     from sdpo.learner.worker import LearnerWorker
     from sdpo.models import resolve_model_path
