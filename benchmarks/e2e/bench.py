@@ -117,6 +117,8 @@ def main() -> None:
     p.add_argument("--eval", action="store_true", help="held-out success at T=1 before and after (300 sums)")
     p.add_argument("--threads", type=int, default=2, help="TRL's torch threads (the machine's cores)")
     p.add_argument("--ours", default="[]", help="JSON list of extra overrides for our side")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                   help='another side of ours with these overrides, e.g. ours-2ranks=["learner.world_size=2"]')
     p.add_argument("--out", help="write the results as JSON here")
     a = p.parse_args()
     plan = make_plan(a.size, a.steps, a.seed, 300)
@@ -129,6 +131,8 @@ def main() -> None:
                     "loss_max_abs_diff_topk100_tail_alpha05": loss_agreement()}
     specs = [("ours", [python, os.path.join(HERE, "side_ours.py"), "--plan", plan_path, "--overrides", a.ours],
               os.path.join(logs, "ours.log")),
+             *[(name, [python, os.path.join(HERE, "side_ours.py"), "--plan", plan_path, "--overrides", overrides],
+                os.path.join(logs, f"{name}.log")) for name, _, overrides in (v.partition("=") for v in a.variant)],
              ("trl", [TRL_PYTHON, os.path.join(HERE, "side_trl.py"), "--plan", plan_path, "--threads", str(a.threads)],
               os.path.join(logs, "trl.log"))]
     with started(specs) as sides:
@@ -136,13 +140,14 @@ def main() -> None:
         if a.eval:
             result["before"] = {s.name: s.ask("eval") for s in sides}
         records = interleave(sides, a.steps, warmup=0)
-        result["check"] = teacher_prompts_match(*sides)
+        result["check"] = teacher_prompts_match(sides[0], sides[-1])
         if a.eval:
             result["after"] = {s.name: s.ask("eval") for s in sides}
     result["load_after"] = load_average()
     result["sides"] = {name: summary(r, samples) for name, r in records.items()}
     result["records"] = records
-    result["speedup"] = result["sides"]["trl"]["s_per_step"] / result["sides"]["ours"]["s_per_step"]
+    result["speedup"] = {name: result["sides"]["trl"]["s_per_step"] / side["s_per_step"]
+                         for name, side in result["sides"].items() if name != "trl"}
     os.remove(plan_path)
     print(f"size {a.size}: {result['ready']['ours'].get('params', 0) / 1e6:.2f}M params, {samples} samples/step, "
           f"{a.steps} steps (first excluded); load {result['load_before']} -> {result['load_after']}")
@@ -153,7 +158,7 @@ def main() -> None:
             extra = f" | held-out T=1 {result['before'][name]['success_t1']:.3f} -> {result['after'][name]['success_t1']:.3f}"
         print(f"{name:>5}: {s['s_per_step']:.3f} s/step, {s['samples_per_s']:.1f} samples/s ({phases}); "
               f"start-up {result['ready'][name]['startup_s']:.1f} s{extra}")
-    print(f"ours / TRL throughput: {result['speedup']:.2f}x; teacher prompts: {result['check']}; "
+    print(f"throughput / TRL's: {', '.join(f'{k} {v:.2f}x' for k, v in result['speedup'].items())}; teacher prompts: {result['check']}; "
           f"loss and logit-gradient |TRL - ours| on the same logits (fp32): {result['loss_max_abs_diff_topk100_tail_alpha05']}")
     if a.out:
         with open(a.out, "w") as f:
