@@ -73,7 +73,11 @@ def make_plan(size: str, steps: int, seed: int, eval_tasks: int | None) -> dict:
     sampler = PromptSampler(list(env.tasks("train")), seed)
     s = SIZES[size]
     held_out = list(env.tasks("test"))[:eval_tasks]
-    return {"size": s, "size_name": size, "seed": seed, "environment": name, "model_path": model_for(size),
+    from sdpo.config import TeacherContextConfig
+
+    ours = TeacherContextConfig()  # our defaults, which TRL is given explicitly (its own differ in whitespace)
+    templates = {k: getattr(ours, k) for k in ("reprompt_template", "solution_template", "feedback_template")}
+    return {"size": s, "size_name": size, "templates": templates, "seed": seed, "environment": name, "model_path": model_for(size),
             "steps": [[t.id for t in sampler.next(s["prompts"])] for _ in range(steps)],
             "eval": [t.id for t in held_out]}
 

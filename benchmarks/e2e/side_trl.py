@@ -64,7 +64,7 @@ def main() -> None:
         distillation_weight=1.0, teacher_model_kind="ema", teacher_update_rate=s["ema"], teacher_sync_steps=1,
         success_reward_threshold=s["success_threshold"], dont_reprompt_on_self_success=True,
         remove_thinking_from_demonstration=True, include_environment_feedback=True,
-        environment_feedback_only_without_solution=True, max_reprompt_len=10240,
+        environment_feedback_only_without_solution=True, max_reprompt_len=10240, **plan["templates"],
         model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"},
         dataloader_num_workers=0, gradient_checkpointing=False, bf16=False,  # ours: fp32, no activation checkpointing
     )
