@@ -1,20 +1,18 @@
 """Defaults that fit the model and the machine: how many learner ranks.
 
 A key the user set (in the recipe or an override) is never touched; a key left at its default is
-chosen here from the model's parameter count and the cores, and each choice comes with a reason
-that `--dry-run` and the run's first line print.
+chosen here from the model's parameter count and the device, and each choice comes with a reason
+that `--dry-run` and the run's first lines print.
 
-Why one rank for small models: on one host, ranks split the same cores that intra-op threads could
-share, so data parallelism buys no compute; what it adds is FSDP2's per-layer all-gathers and
-gradient reduce-scatters (over gloo on CPU) and a gather before every weight push. On the
-quickstart (0.6M parameters, 2 cores) one rank with 2 threads was faster than two ranks with one
-thread each (benchmarks/RESULTS.md, "End to end"). Past `SINGLE_RANK_MAX_PARAMS` the training
-state (fp32 weights, gradients, AdamW moments and the teacher: ~20 bytes a parameter) is what
-sharding is for, so the default stays at 2 ranks.
-
-Threads stay at `learner.torch_threads_per_rank` (1): one rank with 2 threads learned 7x slower
-than with 1 on the shared, loaded 2-core machine (OpenMP threads wait on each other when one is
-descheduled), so more threads are for machines the run has to itself; set the key there.
+- GPU, model under `SINGLE_RANK_MAX_PARAMS`: one rank. Its training state (fp32 weights, gradients,
+  AdamW moments and the teacher: ~20 bytes a parameter, 2 GB at 100M) fits one GPU many times
+  over, so a second rank would only add a GPU, NCCL gathers and reduce-scatters per layer, and a
+  gather before every weight push. (Not yet measured on a GPU.)
+- CPU: the default 2 ranks of 1 thread are kept, even at 0.6M parameters. Measured end to end on
+  the quickstart (benchmarks/RESULTS.md, "End to end"): 2 ranks x 1 thread learned in 0.315 s,
+  1 rank x 1 thread in 0.434 s (the learner is compute-bound even there: ~11k teacher and ~3k
+  student tokens a step), and 1 rank x 2 threads was 7x slower on the loaded shared machine (OpenMP
+  threads wait on each other when one is descheduled; two processes do not).
 """
 
 from __future__ import annotations
@@ -60,11 +58,16 @@ def fit_to_model(cfg: Config, model_path: str | None = None) -> tuple[Config, li
     chosen: dict[str, object] = {}
     reasons: list[str] = []
     params = count_params(model_path or cfg.model.path)
-    if "world_size" not in learner.model_fields_set and params is not None and params < SINGLE_RANK_MAX_PARAMS:
-        chosen["world_size"] = 1
-        reasons.append(f"learner.world_size=1: the model has {params / 1e6:.2f}M parameters (< "
-                       f"{SINGLE_RANK_MAX_PARAMS / 1e6:.0f}M), so one rank holds its training state and a second "
-                       "would only add FSDP collectives; set learner.world_size to shard it")
+    if "world_size" not in learner.model_fields_set and params is not None:
+        if cfg.device == "cuda" and params < SINGLE_RANK_MAX_PARAMS:
+            chosen["world_size"] = 1
+            reasons.append(f"learner.world_size=1: the model has {params / 1e6:.2f}M parameters (< "
+                           f"{SINGLE_RANK_MAX_PARAMS / 1e6:.0f}M), so one GPU holds its training state and a second "
+                           "rank would only add NCCL collectives; set learner.world_size to shard it")
+        elif cfg.device == "cpu":
+            reasons.append(f"learner.world_size={learner.world_size} (default kept): on CPU each rank is one core of "
+                           f"compute at 1 thread, and the learner is compute-bound even at {params / 1e6:.2f}M "
+                           "parameters; set learner.world_size to change it")
     if not chosen:
         return cfg, reasons
     # model_copy keeps model_fields_set; the chosen keys join it, so a second pass changes nothing.

@@ -30,29 +30,37 @@ def test_count_params_matches_the_model(model_path):
     assert count_params("no/such/hub-name") is None
 
 
-def test_small_model_gets_one_rank_with_a_reason(model_path):
+def test_small_model_on_gpu_gets_one_rank_with_a_reason(model_path):
+    path, _ = model_path
+    gpu = ["device=cuda", "learner.num_gpus_per_rank=1", "rollout.num_gpus_per_replica=1"]
+    cfg, reasons = fit_to_model(load_config(None, [f"model.path={path}", *gpu]))
+    assert cfg.learner.world_size == 1 and len(reasons) == 1 and "learner.world_size=1" in reasons[0]
+    again, more = fit_to_model(cfg)  # a chosen key counts as set: a second pass changes nothing
+    assert again.learner == cfg.learner and more == []
+
+
+def test_cpu_keeps_two_ranks_and_says_why(model_path):
     path, _ = model_path
     cfg, reasons = fit_to_model(load_config(None, [f"model.path={path}"]))
-    assert cfg.learner.world_size == 1 and len(reasons) == 1 and "learner.world_size=1" in reasons[0]
-    again, more = fit_to_model(cfg)  # chosen keys count as set: a second pass changes nothing
-    assert again.learner == cfg.learner and more == []
+    assert cfg.learner.world_size == 2 and len(reasons) == 1 and "default kept" in reasons[0]
 
 
 def test_keys_the_user_set_are_kept(model_path):
     path, _ = model_path
-    cfg, reasons = fit_to_model(load_config(None, [f"model.path={path}", "learner.world_size=2",
-                                                    "learner.torch_threads_per_rank=1"]))
-    assert (cfg.learner.world_size, cfg.learner.torch_threads_per_rank, reasons) == (2, 1, [])
+    gpu = ["device=cuda", "learner.num_gpus_per_rank=1", "rollout.num_gpus_per_replica=1"]
+    cfg, reasons = fit_to_model(load_config(None, [f"model.path={path}", "learner.world_size=2", *gpu]))
+    assert (cfg.learner.world_size, reasons) == (2, [])
 
 
-def test_large_or_unknown_models_keep_the_sharded_default(tmp_path, model_path):
+def test_large_or_unknown_models_keep_the_sharded_default(tmp_path):
     config = Qwen2ForCausalLM(tiny_model_config(100)).config
     config.vocab_size, config.hidden_size, config.intermediate_size = 150_000, 1024, 4096
     config.save_pretrained(tmp_path)
     assert count_params(str(tmp_path)) > SINGLE_RANK_MAX_PARAMS
+    gpu = ["device=cuda", "learner.num_gpus_per_rank=1", "rollout.num_gpus_per_replica=1"]
     for path in (str(tmp_path), "some-org/some-hub-model"):
-        cfg, _ = fit_to_model(load_config(None, [f"model.path={path}", "ray.num_cpus=2"]))
-        assert cfg.learner.world_size == 2 and cfg.learner.torch_threads_per_rank == 1
+        cfg, _ = fit_to_model(load_config(None, [f"model.path={path}", *gpu]))
+        assert cfg.learner.world_size == 2
 
 
 def test_one_rank_export_equals_the_full_state_dict(model_path):
