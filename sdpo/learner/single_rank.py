@@ -1,4 +1,4 @@
-"""Shortcuts that hold when the learner is one rank (the default for small models, sdpo/sizing.py).
+"""Shortcuts that hold when the learner is one rank (`learner.world_size=1`; sdpo/sizing.py picks it for small models on a GPU).
 
 With one rank every FSDP2 shard is the whole tensor, so the full state for a weight push is the
 local tensors themselves: no gather, no state-dict machinery (torch's `get_model_state_dict` with
