@@ -20,6 +20,7 @@ from sdpo.cluster import check_fits_locally, describe_placement, placement
 from sdpo.config import Config, EnvironmentConfig
 from sdpo.placement import check_placement, describe as describe_engines, model_max_positions
 from sdpo.recipe import RecipeError, load_config, to_yaml
+from sdpo.sizing import fit_to_model
 
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # flags and overrides in any order
     try:
         recipe, overrides = split_recipe(args.args)
-        cfg = load_config(recipe, overrides)
+        cfg, sized = fit_to_model(load_config(recipe, overrides))  # unset sizes chosen for the model
         check_fits_locally(cfg)
         check_placement(cfg)  # GPU layouts that cannot work; derived engine settings that cannot hold
         engines = describe_engines(cfg, model_max_positions(cfg.model.path))
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg))
         print(describe_placement(cfg))
         print(engines)
+        print("".join(f"chosen: {reason}\n" for reason in sized), end="")
         return 0
+    for reason in sized:
+        print(f"[sdpo] chosen: {reason}", flush=True)
     from sdpo.checkpoint import CheckpointError
     from sdpo.env_pool import VerifierFailing
     from sdpo.trainer import Interrupted, train
