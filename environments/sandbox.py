@@ -66,6 +66,7 @@ import logging
 import math
 import os
 import platform
+import select
 import selectors
 import shutil
 import signal
@@ -293,9 +294,8 @@ def _run(spec_path: str, stdin: bytes, limits: SandboxLimits, level: str) -> San
         if timed_out or output_limited:
             os.close(lifeline_w)
             lifeline_w = -1
-        try:  # the streams are closed; the program may still run (it closed them itself)
-            proc.wait(timeout=max(0.0, started + limits.wall_s - time.monotonic()))
-        except subprocess.TimeoutExpired:
+        # The streams are closed; the program may still run (it closed them itself).
+        if not _wait_for(proc, started + limits.wall_s - time.monotonic()):
             timed_out = True
     finally:
         if lifeline_w >= 0:
@@ -330,6 +330,26 @@ def _run(spec_path: str, stdin: bytes, limits: SandboxLimits, level: str) -> San
                          cgroup=bool(report.get("cgroup")), cpu_s=report.get("cpu_s"),
                          memory_peak_mib=report.get("memory_peak_mib"), memory_limited=memory_limited,
                          cpu_total_limited=cpu_total_limited)
+
+
+def _wait_for(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Whether ``proc`` ended within ``timeout_s``. Popen.wait(timeout) polls with sleeps of up to
+    50 ms (CPython's subprocess._wait); a pidfd wakes us the moment it exits."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # Linux < 5.3
+        try:
+            proc.wait(timeout=max(0.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    try:
+        ready = select.select([fd], [], [], max(0.0, timeout_s))[0]
+    finally:
+        os.close(fd)
+    if ready:
+        proc.wait()
+    return bool(ready)
 
 
 def _communicate(proc: subprocess.Popen, stdin: bytes, limits: SandboxLimits, started: float):
