@@ -19,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from environments.code import Code  # noqa: E402
-from environments.sandbox import python_argv, resolve_level, run_sandboxed  # noqa: E402
+from environments import sandbox
+from environments.code import Code
+from environments.sandbox import python_argv, resolve_level, run_sandboxed
 
 
 def tasks_per_s(env: Code, rounds: int, concurrency: int) -> tuple[float, int]:
@@ -48,7 +49,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2])
     args = parser.parse_args()
     level = resolve_level("auto")
-    print(f"cores: {os.cpu_count()}, sandbox level: {level}, euid: {os.geteuid()}")
+    plan = getattr(sandbox, "cgroup_plan", lambda: None)()  # absent before per-run cgroups existed
+    print(f"cores: {os.cpu_count()}, sandbox level: {level}, euid: {os.geteuid()}, "
+          f"cgroup per run: {sorted(plan) if plan else 'no'}")
     env = Code(time_limit_s=6.0)
     base = None
     for c in args.concurrency:
@@ -62,9 +65,12 @@ def main() -> None:
     for lvl in ("namespaces", "rlimits"):
         if lvl == "namespaces" and level != "namespaces":
             continue
+        argv = python_argv("m.py")
         if lvl == "rlimits" and os.geteuid() == 0:
-            continue  # as root the rlimits level needs an interpreter outside 0700 homes; skipped here
-        rows.append((f"sandbox {lvl}", per_run_ms(lambda lvl=lvl: run_sandboxed(python_argv("m.py"), files={"m.py": "pass"}, level=lvl))))
+            if not os.path.exists("/usr/bin/python3"):
+                continue  # as root the rlimits level needs an interpreter outside 0700 homes
+            argv = ["/usr/bin/python3", "-E", "-s", "-B", "m.py"]
+        rows.append((f"sandbox {lvl}", per_run_ms(lambda lvl=lvl, argv=argv: run_sandboxed(argv, files={"m.py": "pass"}, level=lvl))))
     for name, ms in rows:
         print(f"one trivial python run, {name}: {ms:.1f} ms (x{ms / bare:.2f} vs bare)")
 

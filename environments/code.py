@@ -38,7 +38,12 @@ from typing import Any
 from environments.answers import answer_or_none, strip_thinking
 from environments.base import Environment, Task, Verdict
 from environments.loaders import load_rows
-from environments.sandbox import SandboxLimits, python_argv, run_sandboxed
+from environments.sandbox import (
+    SandboxLimits,
+    level_for_untrusted_code,
+    python_argv,
+    run_sandboxed,
+)
 
 FIELD_CHARS = 250
 FEEDBACK_CHARS = 2000
@@ -263,7 +268,8 @@ def run_tests(code: str, tests: list[dict], kind: str, fn_name: str | None, time
         workdir_mib=max(16, 2 * (len(spec_json) >> 20) + 8), tmp_mib=max(16, len(tests) * (output_bytes_per_test >> 20) + 8),
     )
     result = run_sandboxed(python_argv("harness.py"), files={"harness.py": HARNESS_SOURCE, "solution.py": code,
-                                                            "tests.json": spec_json}, limits=limits, level=level)
+                                                            "tests.json": spec_json}, limits=limits,
+                           level=level_for_untrusted_code(level))
     try:
         results = json.loads(result.stdout) if result.ok else None
     except json.JSONDecodeError:

@@ -4,42 +4,57 @@
                            limits=SandboxLimits(wall_s=5))
 
 Every run gets: a separate process started from a fresh interpreter, a wall-clock limit enforced by
-the caller (on expiry the whole process group is SIGKILLed), a CPU-time limit (RLIMIT_CPU), an
-address-space limit (RLIMIT_AS), a file-size limit (RLIMIT_FSIZE), a process-count limit
-(RLIMIT_NPROC), few open files (RLIMIT_NOFILE), no core dumps, a scrubbed environment (only the
-variables passed in), a fresh working directory holding only the given files, and stdout/stderr
-capped at ``output_bytes`` each (the run is killed when it writes more).
+the caller, a CPU-time limit (RLIMIT_CPU), an address-space limit (RLIMIT_AS), a file-size limit
+(RLIMIT_FSIZE), a process-count limit (RLIMIT_NPROC), few open files (RLIMIT_NOFILE), no core dumps,
+a scrubbed environment (only the variables passed in, plus ``SDPO_SANDBOX_LEVEL``), a fresh private
+working directory holding only the given files (removed afterwards), a fresh empty session keyring
+(and, for a uid of its own, emptied user keyrings), and stdout/stderr capped at ``output_bytes``
+each (the run is killed when it writes more).
+
+A supervisor process (``sandbox_launcher.py``) sits between the caller and the program. The caller
+holds the only write end of a "lifeline" pipe to it: when the caller ends the run (wall clock,
+output cap) or dies -- even by SIGKILL -- the supervisor kills the whole run and removes the
+scratch directory. The program's processes die with the supervisor (PR_SET_PDEATHSIG).
+
+Where the machine lets us make cgroups (root, or a delegated cgroup; v2, v1 or hybrid, see
+``sandbox_cgroup.py``), each run has its own, a child of the caller's, and then also:
+  - memory: ``total_memory_mib`` for the whole run -- every process, SysV shared memory, memfd and
+    tmpfs pages, kernel memory (inodes) -- enforced by the kernel's OOM killer (``memory_limited``);
+  - processes: ``processes`` (+4 for the set-up) for the whole run, whatever uid;
+  - CPU: the whole tree's CPU time (``cpu_s`` in the result) is held to ``limits.cpu_s``
+    (``cpu_total_limited``), and a judge inside can read it (``SDPO_SANDBOX_CPU_FILE``);
+  - the end: every member is killed (``cgroup.kill`` or a kill loop), setsid() daemons included.
+Without cgroups the result says ``cgroup=False`` and a warning is logged once: memory is then bounded
+per process only, CPU per process (NPROC x CPU), and at the rlimits level daemons may survive.
 
 Two levels, chosen automatically (``level="auto"``) and reported in every result:
 
-``namespaces`` (Linux with util-linux ``unshare``, which Debian/Ubuntu always ship, and user
-namespaces or root). What holds, beyond the list above:
+``namespaces`` (Linux x86-64 with user namespaces, or root). What holds, beyond the list above:
   - No network: a fresh network namespace with only a down loopback; connect() fails.
   - No files of the machine: the program sees a minimal root built on a tmpfs -- read-only binds of
     /usr (and /bin, /lib*, /sbin links), the Python install, /etc/ld.so.cache and four /dev nodes --
-    then ``pivot_root`` and a detached old root. The project's source, /etc/shadow, /root, /home,
-    other runs' files do not exist in it. The root is read-only; only /sandbox (the working dir) and
-    /tmp are writable, each a tmpfs capped in size (``workdir_mib``, ``tmp_mib``), so no write can
-    reach the disk.
+    then ``pivot_root`` and a detached old root. The project's source and datasets, /etc/shadow,
+    /root, /home, other runs' files do not exist in it. The root is read-only; only /sandbox (the
+    working dir) and /tmp are writable, each a tmpfs capped in size (``workdir_mib``, ``tmp_mib``)
+    and in files (``inodes``), so no write can reach the disk.
   - No privileges: as root, the program runs under an unprivileged uid of its own (from
     200000 up), so RLIMIT_NPROC is enforced (the kernel exempts uid 0) and it cannot signal
     anything outside. As a normal user, it runs as root of its own user namespace with an empty capability
     bounding set, so it holds no capabilities after execve, and RLIMIT_NPROC counts only the
     processes of that namespace. ``no_new_privs`` is set.
+  - Its own IPC namespace: SysV shared memory, semaphores and queues vanish with the run.
   - Nothing outlives the run: a fresh PID namespace whose PID 1 is our launcher; when it exits or is
-    killed (``unshare --kill-child``) the kernel kills every process left in it, daemons included.
-    The program cannot see or signal processes outside; killing its parent ends its own run.
+    killed the kernel kills every process left in it, daemons included.
   - The verdict channel is a pipe the program cannot reach; test expectations never enter the cage.
-  Not covered: CPU time across many forked processes is limited per process (NPROC x CPU bounds it),
-  kernel exploits, and side channels. Memory use is bounded per process by RLIMIT_AS; tmpfs pages
-  count too (bounded by the two tmpfs sizes).
+  Not covered: kernel exploits and side channels.
 
-``rlimits`` (fallback: no ``unshare``, user namespaces disabled, or not Linux x86-64). Only the list
-in the first paragraph holds. When running as root the program still runs under an unprivileged
-uid (so /etc/shadow, /root and other 0700/0600 files are unreadable and NPROC holds), but
-world-readable files, the network and other users' processes are reachable, and a child that calls
-setsid() can escape the process-group kill. Use it for trusted code or inside a container/VM.
-A warning is logged once when the fallback is taken.
+``rlimits`` (fallback: no user namespaces, or not Linux x86-64). Only the common list holds, plus,
+as root, an unprivileged uid of its own (so /etc/shadow, /root and other 0700/0600 files are
+unreadable, NPROC holds, and its SysV IPC objects are removed after the run). World-readable files
+(the project, its datasets), world-writable directories (/tmp, /dev/shm), the network and the
+caller's other processes are reachable. Use it for trusted code or inside a container/VM: the code
+environment refuses it for model-written code unless asked for as ``unsafe-rlimits``
+(``level_for_untrusted_code``). A warning is logged once when the fallback is taken.
 """
 
 from __future__ import annotations
@@ -51,6 +66,7 @@ import logging
 import math
 import os
 import platform
+import select
 import selectors
 import shutil
 import signal
@@ -60,6 +76,8 @@ import tempfile
 import threading
 import time
 from typing import Literal
+
+from environments import sandbox_cgroup
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +91,22 @@ class SandboxError(RuntimeError):
     """The sandbox itself could not be set up (not the program's fault)."""
 
 
+UNSAFE_RLIMITS = "unsafe-rlimits"  # the name a recipe must use to run model-written code without isolation
+
+
 @dataclasses.dataclass(frozen=True)
 class SandboxLimits:
     wall_s: float = 10.0
-    cpu_s: float = 10.0
+    cpu_s: float = 10.0  # per process (RLIMIT_CPU) and, with a cgroup, for the whole run
     memory_mib: int = 1024  # address space per process
     file_mib: int = 16  # largest file a process may write
-    processes: int = 16  # processes (threads count too) of the sandbox's uid
+    processes: int = 16  # processes (threads count too) of the sandbox's uid; with a cgroup, of the run
     open_files: int = 64
     output_bytes: int = 1 << 20  # per stream (stdout, stderr); more and the run is killed
     workdir_mib: int = 64  # tmpfs for /sandbox (namespaces level)
     tmp_mib: int = 16  # tmpfs for /tmp (namespaces level)
+    inodes: int = 16384  # files per tmpfs (namespaces level); each costs kernel memory beyond size=
+    total_memory_mib: int = 0  # the whole run with a cgroup; 0: memory_mib + workdir_mib + tmp_mib + 64
 
     def rlimits(self) -> dict[str, list[int]]:
         cpu = max(1, math.ceil(self.cpu_s))
@@ -98,6 +121,11 @@ class SandboxLimits:
             "RLIMIT_CORE": [0, 0],
         }
 
+    def total_memory_bytes(self) -> int:
+        # The 64 MiB cover the two small interpreters that set the cage up (launcher, PID 1).
+        mib = self.total_memory_mib or self.memory_mib + self.workdir_mib + self.tmp_mib + 64
+        return mib << 20
+
 
 @dataclasses.dataclass
 class SandboxResult:
@@ -109,14 +137,23 @@ class SandboxResult:
     output_limited: bool  # wrote more than output_bytes on a stream
     wall_s: float
     level: str
+    cgroup: bool = False  # the run had a cgroup: memory, processes and CPU counted for the whole tree
+    cpu_s: float | None = None  # CPU time of every process the run started (None without a cgroup)
+    memory_peak_mib: float | None = None  # the whole run's peak memory (None without a cgroup)
+    memory_limited: bool = False  # the cgroup's OOM killer ended a process of the run
+    cpu_total_limited: bool = False  # the whole tree's CPU time passed cpu_s
 
     @property
     def ok(self) -> bool:
-        return self.exit_code == 0 and not (self.timed_out or self.output_limited)
+        return self.exit_code == 0 and not (self.timed_out or self.output_limited or self.memory_limited
+                                            or self.cpu_total_limited)
 
     @property
     def cpu_limited(self) -> bool:
-        return self.signal in (signal.SIGXCPU, signal.SIGKILL) and not self.timed_out and not self.output_limited
+        if self.cpu_total_limited:
+            return True
+        return (self.signal in (signal.SIGXCPU, signal.SIGKILL) and not self.timed_out and not self.output_limited
+                and not self.memory_limited)
 
     def describe(self) -> str:
         """One line on how the run ended, for feedback and logs."""
@@ -124,7 +161,9 @@ class SandboxResult:
             return "time limit exceeded (wall clock)"
         if self.output_limited:
             return "output limit exceeded"
-        if self.signal == signal.SIGXCPU:
+        if self.memory_limited:
+            return "memory limit exceeded"
+        if self.cpu_total_limited or self.signal == signal.SIGXCPU:
             return "time limit exceeded (CPU)"
         if self.signal == signal.SIGXFSZ:
             return "file size limit exceeded"
@@ -156,6 +195,23 @@ def run_sandboxed(
     return _run_sandboxed(argv, files, stdin, limits, env, resolve_level(level))
 
 
+def level_for_untrusted_code(level: str) -> str:
+    """The level to run model-written code at. ``rlimits`` cannot keep such code from reading the
+    project (a dataset's expected outputs included), the network or other users' files, so it is
+    refused unless asked for by its unsafe name."""
+    if level == UNSAFE_RLIMITS:
+        return "rlimits"
+    chosen = resolve_level(level)  # type: ignore[arg-type]
+    if chosen == "rlimits":
+        why = _level_cache.get("probe") or "asked for by name"
+        raise SandboxError(
+            f"model-written code needs the 'namespaces' sandbox level, which is not available here ({why}): "
+            "at the 'rlimits' level it could read the dataset's expected outputs and the project, and reach the "
+            f"network. Run on Linux with util-linux and user namespaces (or as root), or set the environment's "
+            f"sandbox_level: {UNSAFE_RLIMITS} in the recipe to run it anyway (trusted code, or inside a VM).")
+    return chosen
+
+
 def _run_sandboxed(argv, files, stdin, limits, env, chosen: str) -> SandboxResult:
     root_user = os.geteuid() == 0
     uid = _next_uid() if root_user else None
@@ -164,7 +220,9 @@ def _run_sandboxed(argv, files, stdin, limits, env, chosen: str) -> SandboxResul
             f"sandbox level 'rlimits' runs programs as an unprivileged uid, which cannot reach {argv[0]!r} "
             "(a directory on its path is not world-searchable); use an interpreter under /usr, or the "
             "'namespaces' level")
-    with tempfile.TemporaryDirectory(prefix="sdpo-sandbox-") as scratch:
+    # A fresh directory per run (0700 until handed over): never a fixed name in a shared /tmp.
+    scratch = tempfile.mkdtemp(prefix="sdpo-sandbox-")
+    try:
         files_dir = os.path.join(scratch, "files")
         os.mkdir(files_dir)
         for name, content in (files or {}).items():
@@ -172,22 +230,37 @@ def _run_sandboxed(argv, files, stdin, limits, env, chosen: str) -> SandboxResul
                 raise ValueError(f"sandbox file names must be plain names, got {name!r}")
             with open(os.path.join(files_dir, name), "wb") as f:
                 f.write(content.encode() if isinstance(content, str) else content)
-        if uid is not None and chosen == "rlimits":
-            os.chmod(scratch, 0o711)
-            for path in [files_dir] + [os.path.join(files_dir, n) for n in os.listdir(files_dir)]:
-                os.chown(path, uid, uid)
+        program_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/sandbox", "LANG": "C.UTF-8",
+                       "SDPO_SANDBOX_LEVEL": chosen}
+        if chosen == "rlimits":
+            program_env.update(HOME=files_dir, TMPDIR=files_dir)
+            if uid is not None:
+                os.chmod(scratch, 0o711)
+                if not _others_can_run(scratch):
+                    raise SandboxError(f"sandbox level 'rlimits' runs programs as an unprivileged uid, which cannot "
+                                       f"reach the scratch dir {scratch!r}: point TMPDIR at a world-searchable dir")
+                for path in [files_dir] + [os.path.join(files_dir, n) for n in os.listdir(files_dir)]:
+                    os.chown(path, uid, uid)
+        jobs = cgroup_plan()
         spec = {
             "isolate": chosen == "namespaces",
+            "scratch": scratch,
             "new_root": os.path.join(scratch, "root"),
             "files_dir": files_dir,
             "ro_paths": _read_only_paths(),
             "uid": uid,
+            "user_namespace": chosen == "namespaces" and not root_user,
             "drop_capabilities": chosen == "namespaces" and not root_user,
             "argv": list(argv),
-            "env": {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/sandbox", "LANG": "C.UTF-8", **(env or {})},
+            "env": {**program_env, **(env or {})},
             "rlimits": limits.rlimits(),
             "tmp_mib": limits.tmp_mib,
             "workdir_mib": limits.workdir_mib,
+            "inodes": limits.inodes,
+            "cgroup": jobs,
+            "memory_total_bytes": limits.total_memory_bytes(),
+            "pids": limits.processes + 4,  # + the starter, PID 1, and room for the set-up's own forks
+            "cpu_total_s": limits.cpu_s,
         }
         if spec["isolate"]:
             os.mkdir(spec["new_root"])
@@ -195,42 +268,88 @@ def _run_sandboxed(argv, files, stdin, limits, env, chosen: str) -> SandboxResul
         spec_path = os.path.join(scratch, "spec.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        return _run(spec, spec_path, stdin.encode() if isinstance(stdin, str) else stdin, limits, chosen, root_user)
+        return _run(spec_path, stdin.encode() if isinstance(stdin, str) else stdin, limits, chosen)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # normally the launcher has removed it already
 
 
-def _run(spec: dict, spec_path: str, stdin: bytes, limits: SandboxLimits, level: str, root_user: bool) -> SandboxResult:
+def _run(spec_path: str, stdin: bytes, limits: SandboxLimits, level: str) -> SandboxResult:
     status_r, status_w = os.pipe()
-    launcher = [os.path.realpath(sys.executable), "-I", "-S", "-B", LAUNCHER, spec_path, str(status_w)]
-    if level == "namespaces":
-        ns = ["--fork", "--kill-child", "--pid", "--mount", "--net", "--ipc", "--uts"]
-        launcher = [_unshare_path(), *ns, *([] if root_user else ["--user", "--map-root-user"]), *launcher]
+    # The lifeline: we hold the only write end. Closing it (or dying) tells the launcher to end the run.
+    lifeline_r, lifeline_w = os.pipe()
+    launcher = [os.path.realpath(sys.executable), "-I", "-S", "-B", LAUNCHER, spec_path, str(status_w), str(lifeline_r)]
     started = time.monotonic()
     try:
         proc = subprocess.Popen(launcher, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                pass_fds=(status_w,), start_new_session=True, env={"PATH": "/usr/bin:/bin"})
+                                pass_fds=(status_w, lifeline_r), start_new_session=True, env={"PATH": "/usr/bin:/bin"})
+    except BaseException:
+        for fd in (status_r, lifeline_w):
+            os.close(fd)
+        raise
     finally:
         os.close(status_w)
+        os.close(lifeline_r)
     try:
         stdout, stderr, timed_out, output_limited = _communicate(proc, stdin, limits, started)
+        if timed_out or output_limited:
+            os.close(lifeline_w)
+            lifeline_w = -1
+        # The streams are closed; the program may still run (it closed them itself).
+        if not _wait_for(proc, started + limits.wall_s - time.monotonic()):
+            timed_out = True
     finally:
-        _kill_group(proc)
-        proc.wait()
+        if lifeline_w >= 0:
+            os.close(lifeline_w)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # the launcher is stuck: nothing of ours should be
+            proc.kill()
+            proc.wait()
     wall_s = time.monotonic() - started
     with os.fdopen(status_r, "rb") as f:
         raw = f.read()
     report = json.loads(raw) if raw else {}
     if "setup_error" in report:
         raise SandboxError(f"sandbox set-up failed ({level}): {report['setup_error']}; stderr: {stderr[-500:]!r}")
-    if level == "namespaces" and report:
-        exit_code, sig = report.get("exit"), report.get("signal")
-    else:  # rlimits: the launcher became the program; namespaces without a report: it was killed
-        rc = proc.returncode
-        exit_code, sig = (None, -rc) if rc < 0 else (rc, None)
-        if level == "namespaces":
-            exit_code, sig = None, sig or signal.SIGKILL
-    if timed_out or output_limited:
+    if "cleanup_error" in report:
+        log.warning("sandbox: cleaning up after a run failed (%s): a cgroup or scratch dir may be left",
+                    report["cleanup_error"])
+    exit_code, sig = report.get("exit"), report.get("signal")
+    if exit_code is None and sig is None:  # the program never reported: it was killed with its cage
+        sig = signal.SIGKILL
+    memory_limited = bool(report.get("oom_kills"))
+    cpu_total_limited = report.get("stopped") == "cpu"
+    if timed_out or output_limited or memory_limited or cpu_total_limited:
         exit_code = None
-    return SandboxResult(exit_code, sig, stdout, stderr, timed_out, output_limited, wall_s, level)
+    if not report.get("cgroup") and "warned-cgroup" not in _level_cache:
+        _level_cache["warned-cgroup"] = "yes"
+        log.warning("sandbox: no cgroup for this run (%s): memory is bounded per process only (not shared memory, "
+                    "memfd or tmpfs pages across processes), CPU time per process, and at the rlimits level a child "
+                    "that calls setsid() outlives the run", _cgroup_problem or "the launcher reported none")
+    return SandboxResult(exit_code, sig, stdout, stderr, timed_out, output_limited, wall_s, level,
+                         cgroup=bool(report.get("cgroup")), cpu_s=report.get("cpu_s"),
+                         memory_peak_mib=report.get("memory_peak_mib"), memory_limited=memory_limited,
+                         cpu_total_limited=cpu_total_limited)
+
+
+def _wait_for(proc: subprocess.Popen, timeout_s: float) -> bool:
+    """Whether ``proc`` ended within ``timeout_s``. Popen.wait(timeout) polls with sleeps of up to
+    50 ms (CPython's subprocess._wait); a pidfd wakes us the moment it exits."""
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # Linux < 5.3
+        try:
+            proc.wait(timeout=max(0.0, timeout_s))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    try:
+        ready = select.select([fd], [], [], max(0.0, timeout_s))[0]
+    finally:
+        os.close(fd)
+    if ready:
+        proc.wait()
+    return bool(ready)
 
 
 def _communicate(proc: subprocess.Popen, stdin: bytes, limits: SandboxLimits, started: float):
@@ -279,9 +398,6 @@ def _communicate(proc: subprocess.Popen, stdin: bytes, limits: SandboxLimits, st
                 output_limited = True
                 open_streams = 0
                 break
-        if proc.poll() is not None and open_streams:
-            # The launcher is gone; in the rlimits level leftovers may still hold the pipes.
-            _kill_group(proc)
     sel.close()
     if not proc.stdin.closed:
         proc.stdin.close()
@@ -289,13 +405,6 @@ def _communicate(proc: subprocess.Popen, stdin: bytes, limits: SandboxLimits, st
     proc.stdout.close()
     proc.stderr.close()
     return out, err, timed_out, output_limited
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 _uid_counter = itertools.count()
@@ -345,11 +454,20 @@ def _others_can_run(path: str) -> bool:
     return all(os.stat(p).st_mode & 0o001 for p in parts)
 
 
-def _unshare_path() -> str:
-    return shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin") or "unshare"
-
-
 _level_cache: dict[str, str] = {}
+_cgroup_jobs: dict | None = None
+_cgroup_problem: str | None = None  # None: not probed yet
+
+
+def cgroup_plan() -> dict | None:
+    """Where this machine lets each sandbox have its own cgroup (probed once), or None."""
+    global _cgroup_jobs, _cgroup_problem
+    if _cgroup_problem is None:
+        if platform.system() != "Linux":
+            _cgroup_jobs, _cgroup_problem = None, f"cgroups need Linux, this is {platform.system()}"
+        else:
+            _cgroup_jobs, _cgroup_problem = sandbox_cgroup.plan()
+    return _cgroup_jobs
 
 
 def resolve_level(level: Level = "auto") -> str:
@@ -376,8 +494,6 @@ def _probe_namespaces() -> str:
     """Empty string if the namespaces level works here, else why not."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"needs Linux x86-64, this is {platform.system()} {platform.machine()}"
-    if not shutil.which("unshare", path="/usr/bin:/bin:/usr/sbin:/sbin"):
-        return "util-linux 'unshare' not found"
     try:
         result = _run_sandboxed([os.path.realpath(sys.executable), "-c", "print('ok')"], None, b"", SandboxLimits(), None,
                                 "namespaces")

@@ -54,6 +54,7 @@ def build_batch(
     positions = max_positions or model_positions(getattr(tokenizer, "name_or_path", ""))
     samples: list[TrainSample] = []
     with_solution = with_feedback = no_verdict = 0
+    rendered: dict[str, list[int]] = {}  # chat template output per distinct teacher context
     for task, ids, group, group_verdicts in zip(tasks, prompt_ids, groups, verdicts):
         texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
         # A sample whose verifier failed was never judged: it is nobody's demonstration (-inf never
@@ -68,9 +69,11 @@ def build_batch(
         for completion, context, advantage, ok, verdict in zip(group, contexts, advantages, scored, group_verdicts):
             _check_fits(task, ids, completion.token_ids, positions)
             signal = bool(context.sd_mask and ok)
+            key = repr(context.messages)  # siblings shown the same demonstration share one teacher prompt
+            if signal and key not in rendered:
+                rendered[key] = chat_ids(tokenizer, context.messages)
             teacher_ids = ids if not signal else truncate_prompt_ids(
-                chat_ids(tokenizer, context.messages), teacher_prompt_budget(cfg, positions, len(completion.token_ids)),
-                cfg.teacher_truncation,
+                rendered[key], teacher_prompt_budget(cfg, positions, len(completion.token_ids)), cfg.teacher_truncation,
             )
             samples.append(TrainSample(ids, completion.token_ids, completion.logprobs, teacher_ids, int(signal), advantage,
                                        success=int(ok and verdict.reward >= cfg.success_threshold)))

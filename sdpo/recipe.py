@@ -162,7 +162,7 @@ def _explain(err: ValidationError) -> str:
         elif problem["type"] == "value_error":
             message = problem["msg"].removeprefix("Value error, ")
             # A check across keys names its keys itself: no "section:" or "(top level):" before it.
-            lines.append(f"  {message}" if not problem["loc"] or message.startswith(f"{key}.") else f"  {key}: {message}")
+            lines.append(f"  {message}" if not problem["loc"] or message.startswith(key) else f"  {key}: {message}")
         else:
             lines.append(f"  {key}: {problem['msg']} (got {problem.get('input')!r})")
     return "\n".join(lines)

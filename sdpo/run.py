@@ -20,6 +20,7 @@ from sdpo.cluster import check_fits_locally, describe_placement, placement
 from sdpo.config import Config, EnvironmentConfig
 from sdpo.placement import check_placement, describe as describe_engines, model_max_positions
 from sdpo.recipe import RecipeError, load_config, to_yaml
+from sdpo.sizing import fit_to_model
 
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)  # flags and overrides in any order
     try:
         recipe, overrides = split_recipe(args.args)
-        cfg = load_config(recipe, overrides)
+        cfg, sized = fit_to_model(load_config(recipe, overrides))  # unset sizes chosen for the model
         check_fits_locally(cfg)
         check_placement(cfg)  # GPU layouts that cannot work; derived engine settings that cannot hold
         engines = describe_engines(cfg, model_max_positions(cfg.model.path))
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg))
         print(describe_placement(cfg))
         print(engines)
+        print("".join(f"chosen: {reason}\n" for reason in sized), end="")
         return 0
+    for reason in sized:
+        print(f"[sdpo] chosen: {reason}", flush=True)
     from sdpo.checkpoint import CheckpointError
     from sdpo.env_pool import VerifierFailing
     from sdpo.trainer import Interrupted, train
@@ -73,13 +77,19 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def split_recipe(args: list[str]) -> tuple[str, list[str]]:
-    """The recipe is the one argument that is not ``key=value`` (or is an existing file), wherever it is."""
-    recipes = [a for a in args if "=" not in a or Path(a).is_file()]
-    if len(recipes) != 1:
-        found = f"got {len(recipes)}: {', '.join(map(repr, recipes))}" if recipes else "got none"
-        raise RecipeError(f"give one recipe file and then dotted.key=value overrides, e.g. "
-                          f"python -m sdpo.run recipes/quickstart.yaml steps=50 ({found})")
-    return recipes[0], [a for a in args if a is not recipes[0]]
+    """The recipe is the argument that names a file (or a .yaml path, or else the first one that is
+    not ``key=value``), wherever it is; the rest are overrides."""
+    files = [a for a in args if Path(a).is_file() or ("=" not in a and a.endswith((".yaml", ".yml")))]
+    if len(files) > 1:
+        raise RecipeError(f"give one recipe file, then dotted.key=value overrides (got {len(files)}: "
+                          f"{', '.join(map(repr, files))})")
+    recipe = files[0] if files else next((a for a in args if "=" not in a), None)
+    if recipe is None:
+        raise RecipeError("give one recipe file, then dotted.key=value overrides, e.g. python -m sdpo.run "
+                          "recipes/quickstart.yaml steps=50 (got none)")
+    rest = list(args)
+    rest.remove(recipe)
+    return recipe, rest
 
 
 def preflight(cfg: Config) -> tuple:
@@ -208,7 +218,8 @@ def check_wandb(cfg: Config) -> list[str]:
     problem = None
     if not os.environ.get("WANDB_API_KEY"):
         try:
-            has_key = netrc.netrc().authenticators(host.split(":")[0]) is not None
+            # `wandb login` writes the key to ~/.netrc, or to $NETRC when that is set (as wandb reads it).
+            has_key = netrc.netrc(os.environ.get("NETRC")).authenticators(host.split(":")[0]) is not None
         except (OSError, netrc.NetrcParseError):
             has_key = False
         if not has_key:
@@ -245,8 +256,8 @@ def check_environment(env_cfg: EnvironmentConfig) -> tuple:
         try:
             tasks = tasks_by_split[split] = list(env.tasks(split))
         except (Exception, SystemExit) as err:  # e.g. KeyError: a dataset row without the field the environment reads
-            raise ValueError(f"{where} raised {type(err).__name__}: {err}. Check the split name and that the "
-                             "dataset has the fields this environment reads") from None
+            raise ValueError(f"{where} raised {type(err).__name__}: {err}. Check the split name, environment.kwargs, "
+                             "and that the dataset has the fields this environment reads") from None
         if not tasks:
             raise ValueError(f"{where} returned no tasks: check the split name and the dataset")
         for index, task in enumerate(tasks):
@@ -268,6 +279,8 @@ def task_problem(task, task_type: type) -> str | None:
             got = sorted(message) if isinstance(message, dict) else type(message).__name__
             return (f"has a bad messages[{i}] (got {got}): each message needs 'role' (one of {sorted(CHAT_ROLES)}) "
                     "and 'content' (a string)")
+    if not any(m["role"] == "user" for m in task.messages):  # the teacher's reprompt rewrites the last user message
+        return "has no 'user' message: the prompt must ask something (the teacher's context rewrites the last user message)"
     if not isinstance(task.data, dict):
         return f"has data of type {type(task.data).__name__}: Task.data must be a dict"
     return None

@@ -19,7 +19,8 @@ Pure Python: no torch, no Ray; ``apply`` is the one call the training loop makes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 Action = Literal["none", "snapshot", "warn", "freeze", "reset"]
 

@@ -127,3 +127,21 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_clearly(tmp_path):
     assert "error: the checkpoint of step 2 could not be written" in result.stderr
     assert "run the same command again to resume" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_older_one_resumes_exactly(uninterrupted, tmp_path, capsys):
+    """A shard of the newest checkpoint cut short after it was committed (COMPLETE is there): the
+    resume says which checkpoint it skipped and why, and continues from the older one as if nothing
+    had happened."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    newest = run_dir / "checkpoints" / "step_000004"
+    shard = max((newest / "learner").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    train(load_config("recipes/quickstart.yaml", [*SMALL, f"logging.run_dir={run_dir}"]))
+    err = capsys.readouterr().err
+    assert f"checkpoint {newest} is damaged and skipped: learner/{shard.name} has 100 bytes" in err
+    assert training_rows(run_dir) == training_rows(uninterrupted)  # steps 3 and 4 replayed from step 2

@@ -1,5 +1,6 @@
-"""The verifier pool on real Ray actors: failures of every kind become reward 0 with feedback and are
-counted, the run (the pool) goes on, groups reach the group hook whole, async verifiers work."""
+"""The verifier pool on real Ray actors: failures of every kind become reward 0 with no feedback (a
+verifier's error is never teacher feedback) and are counted, the pool goes on until the verifier fails
+on a whole round, groups reach the group hook whole, async verifiers work."""
 
 import textwrap
 
@@ -7,7 +8,7 @@ import pytest
 
 from environments import Task
 from sdpo.config import EnvironmentConfig
-from sdpo.env_pool import EnvPool, chunks_at_groups, group_bounds
+from sdpo.env_pool import EnvPool, VerifierFailing, chunks_at_groups, group_bounds
 
 USER_ENVS = '''
 import asyncio, os, time
@@ -28,6 +29,12 @@ class Flaky(Environment):
             os._exit(3)
         if completion == "wrong type":
             return 42
+        if completion == "nan":
+            return Verdict(reward=float("nan"))
+        if completion == "mutated":
+            v = Verdict(reward=1.0)
+            v.feedback = ["not", "a", "string"]
+            return v
         return Verdict(reward=float(completion == "ok"), feedback=None if completion == "ok" else "not ok")
 
 class AsyncEnv(Flaky):
@@ -40,6 +47,10 @@ class AsyncEnv(Flaky):
             raise ValueError("bad")
         await asyncio.sleep(0.05)
         return Verdict(reward=float(completion == "ok"))
+
+class AlwaysRaises(Flaky):
+    def verify(self, task, completion):
+        raise RuntimeError("verifier bug")
 
 class Grouped(Flaky):
     def review_group(self, task, completions, verdicts):
@@ -68,19 +79,31 @@ def tasks_for(ids: list[str]) -> list[Task]:
 
 @pytest.mark.integration
 @pytest.mark.usefixtures("local_ray")
-def test_every_failure_becomes_a_counted_zero_and_order_is_kept(env_file):
+def test_every_failure_becomes_a_counted_zero_without_feedback_and_order_is_kept(env_file):
     envs = pool(env_file, "Flaky")
-    completions = ["ok", "raise", "no", "hang", "wrong type", "ok"]
-    verdicts = envs.verify(tasks_for([str(i) for i in range(6)]), completions)
-    assert [v.reward for v in verdicts] == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
-    assert "KeyError" in verdicts[1].feedback and verdicts[1].info["verifier_failure"] == "error"
+    completions = ["ok", "raise", "no", "hang", "wrong type", "ok", "nan", "mutated"]
+    verdicts = envs.verify(tasks_for([str(i) for i in range(8)]), completions)
+    assert [v.reward for v in verdicts] == [1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    failed = [verdicts[i] for i in (1, 3, 4, 6, 7)]
+    assert all(v.feedback is None for v in failed)  # never feedback: the student did not cause it
+    assert "KeyError" in verdicts[1].info["verifier_error"] and verdicts[1].info["verifier_failure"] == "error"
     assert verdicts[2].feedback == "not ok" and "verifier_failure" not in verdicts[2].info
-    assert "timed out after 1 s" in verdicts[3].feedback and verdicts[3].info["verifier_failure"] == "timeout"
-    assert "expected Verdict" in verdicts[4].feedback
-    assert envs.failures == {"error": 2, "timeout": 1}
+    assert "timed out after 1 s" in verdicts[3].info["verifier_error"] and verdicts[3].info["verifier_failure"] == "timeout"
+    assert "expected a Verdict" in verdicts[4].info["verifier_error"] and verdicts[4].info["verifier_failure"] == "invalid"
+    assert "finite number in [0, 1], got nan" in verdicts[6].info["verifier_error"]
+    assert "feedback must be a string or None" in verdicts[7].info["verifier_error"]
+    assert envs.failures == {"error": 2, "timeout": 1, "invalid": 2}
     # Hung threads are abandoned, not waited for: the worker keeps its full concurrency.
     again = envs.verify(tasks_for(["a", "b", "c"]), ["hang", "hang", "ok"])
     assert [v.reward for v in again] == [0.0, 0.0, 1.0]
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("local_ray")
+def test_a_verifier_that_always_fails_stops_the_run(env_file):
+    envs = pool(env_file, "AlwaysRaises", workers=1)
+    with pytest.raises(VerifierFailing, match=r"failed on all 4 calls of one round \(error: 4\).*RuntimeError: verifier bug"):
+        envs.verify(tasks_for(["a", "b", "c", "d"]), ["x"] * 4)
 
 
 @pytest.mark.integration
@@ -89,7 +112,8 @@ def test_a_crashed_worker_scores_its_chunk_zero_and_comes_back(env_file):
     envs = pool(env_file, "Flaky", workers=2, timeout_s=5.0)
     verdicts = envs.verify(tasks_for(["a", "b", "c", "d"]), ["ok", "crash", "ok", "ok"])
     assert [v.reward for v in verdicts] == [0.0, 0.0, 1.0, 1.0]  # the first worker died holding a and b
-    assert all("crashed" in v.feedback for v in verdicts[:2]) and envs.failures == {"crash": 2}
+    assert all("process died" in v.info["verifier_error"] and v.feedback is None for v in verdicts[:2])
+    assert envs.failures == {"crash": 2}
     after = envs.verify(tasks_for(["e", "f"]), ["ok", "ok"])  # the actor was restarted
     assert [v.reward for v in after] == [1.0, 1.0]
 

@@ -8,6 +8,12 @@ against training seconds; print a markdown table.
 Each run is the real system (`python -m sdpo.run`), one after another so that they do not share
 the CPU. A run whose metrics already hold its final evaluation is reused, so an interrupted
 comparison continues where it stopped.
+
+Long runs on a shared machine: ``--segment-steps N --lock /tmp/sdpo-heavy.lock`` runs each one in
+segments of N steps, each its own `flock LOCK timeout ... python -m sdpo.run ... steps=K`, resuming
+from the run's own checkpoint (checkpoint.resume=auto in a fixed run dir, every 25 steps), so that no
+single hold of the lock lasts longer than a segment. A segment past ``--segment-timeout`` is
+interrupted (SIGINT, so that Ray shuts down) and the next call resumes from the last checkpoint.
 """
 
 from __future__ import annotations
@@ -20,14 +26,34 @@ import sys
 from pathlib import Path
 
 
-def run(recipe: str, out: Path, name: str, overrides: list[str], seed: int, extra: list[str]) -> Path:
+def run(recipe: str, out: Path, name: str, overrides: list[str], seed: int, extra: list[str],
+        steps: int | None = None, segment: int | None = None, lock: str | None = None, segment_timeout: int = 400) -> Path:
     run_dir = out / f"{name}-seed{seed}"
-    if final_eval(run_dir) is not None:
+    if final_eval(run_dir, steps) is not None:
         return run_dir
     cmd = [sys.executable, "-m", "sdpo.run", recipe, f"seed={seed}", f"logging.run_dir={run_dir}", f"name={name}", *extra, *overrides]
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    if not segment:
+        cmd += [f"steps={steps}"] if steps else []
+        print("$", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        return run_dir
+    if not steps:
+        raise SystemExit("--segment-steps needs --steps (the run's total)")
+    prefix = ["flock", lock] if lock else []
+    prefix += ["timeout", "-s", "INT", "-k", "60", str(segment_timeout)]
+    done = last_checkpoint(run_dir)
+    while done < steps:
+        upto = min(steps, done + segment)
+        seg = [*prefix, *cmd, f"steps={upto}", "checkpoint.every_steps=25", "checkpoint.resume=auto", "checkpoint.export_hf=false"]
+        print("$", " ".join(seg), flush=True)
+        subprocess.run(seg, check=True)
+        done = last_checkpoint(run_dir)
     return run_dir
+
+
+def last_checkpoint(run_dir: Path) -> int:
+    found = [int(p.name.split("_")[1]) for p in (run_dir / "checkpoints").glob("step_*")] if run_dir.exists() else []
+    return max(found, default=0)
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -35,14 +61,14 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.open()] if path.exists() else []
 
 
-def final_eval(run_dir: Path) -> dict | None:
+def final_eval(run_dir: Path, steps: int | None = None) -> dict | None:
     config = run_dir / "config.yaml"
     evals = [r for r in rows(run_dir) if "eval/success_t" in r]
     if not evals or not config.exists():
         return None
     import yaml
 
-    steps = yaml.safe_load(config.read_text())["steps"]
+    steps = steps or yaml.safe_load(config.read_text())["steps"]
     return evals[-1] if evals[-1]["step"] == steps else None
 
 
@@ -110,6 +136,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", type=Path, help="default: OUT/success.png (e.g. OUT/teacher_probe.png with --key probe/teacher_success)")
     parser.add_argument("--summary", type=Path, help="default: OUT/summary.md")
+    parser.add_argument("--steps", type=int, help="training steps of every run (default: the recipe's)")
+    parser.add_argument("--segment-steps", type=int, help="run each in segments of this many steps, resuming from its checkpoints")
+    parser.add_argument("--lock", help="with --segment-steps: flock this file around each segment (e.g. /tmp/sdpo-heavy.lock)")
+    parser.add_argument("--segment-timeout", type=int, default=400, help="seconds a segment may run (default 400)")
+    parser.add_argument("--runs-only", action="store_true", help="run (or continue) the runs, no plot or table")
+    parser.add_argument("--table-only", action="store_true", help="no runs: plot and tabulate the runs already in OUT, finished or not")
     parser.add_argument("extra", nargs="*", help="overrides for every run")
     args = parser.parse_args()
 
@@ -118,7 +150,13 @@ def main() -> None:
     extra = [f"eval.every_steps={args.eval_every}", *args.extra]
     results = {}
     for name, overrides in variants.items():
-        results[name] = [curve(run(args.recipe, args.out, name, overrides.split(), s, extra), args.key) for s in args.seeds]
+        if args.table_only:
+            results[name] = [curve(args.out / f"{name}-seed{s}", args.key) for s in args.seeds if (args.out / f"{name}-seed{s}").exists()]
+            continue
+        results[name] = [curve(run(args.recipe, args.out, name, overrides.split(), s, extra, args.steps, args.segment_steps,
+                                   args.lock, args.segment_timeout), args.key) for s in args.seeds]
+    if args.runs_only:
+        return
 
     plot(results, args.key, args.plot or args.out / "success.png")
     baseline = args.baseline or list(variants)[-1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
@@ -61,38 +63,60 @@ def load_sharded(path: str, attn_implementation: str, mesh: DeviceMesh, mixed_pr
 
 @torch.no_grad()
 def _fill_from_safetensors(model: torch.nn.Module, path: str) -> None:
-    from safetensors import safe_open
+    """Each tensor's rows for this rank, read with plain file reads straight into the shard (no
+    memory map: mapped pages of the file would count in this process's resident memory)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    files = _safetensors_files(path)
     wanted = model.state_dict()
     tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {name for name, _ in model.named_parameters()}
     missing = set(wanted) - tied
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            for name in f.keys():
+    for file in _safetensors_files(path):
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
                 if name not in wanted:
                     raise ValueError(f"{file}: tensor {name!r} is not in {type(model).__name__}")
                 target = wanted[name]
-                rows = f.get_slice(name)
                 if isinstance(target, DTensor):
                     # this rank's block of the global tensor (FSDP2 shards dim 0, torch.chunk-style)
                     local_shape, offset = compute_local_shape_and_global_offset(target.shape, target.device_mesh,
                                                                                 target.placements)
-                    local = target.to_local()
-                    if local.numel():
-                        local.copy_(rows[offset[0] : offset[0] + local_shape[0]].to(local.dtype))
+                    local, first_row = target.to_local(), offset[0]
                 else:
-                    target.copy_(rows[:].to(target.dtype))
+                    local, first_row = target, 0
+                if local.numel():
+                    _read_rows(f, 8 + header_len, entry, first_row, local)
                 missing.discard(name)
     if missing:
         raise ValueError(f"{path}: the checkpoint has no {sorted(missing)[:3]} ({len(missing)} tensors missing)")
     # a tied head (lm_head = embed_tokens) is one parameter: filled through its first name
 
 
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_rows(f, data_start: int, entry: dict, first_row: int, out: torch.Tensor) -> None:
+    """Rows [first_row, first_row + len(out)) of a row-major tensor in a safetensors file (format:
+    8-byte header length, JSON header with dtype, shape and data_offsets, then the raw bytes)."""
+    dtype, shape = _ST_DTYPES[entry["dtype"]], entry["shape"]
+    if list(out.shape) != list(shape) and (not shape or list(out.shape[1:]) != list(shape[1:])
+                                           or first_row + out.shape[0] > shape[0]):
+        raise ValueError(f"checkpoint tensor of shape {shape} does not fit a shard of shape {tuple(out.shape)}")
+    row_bytes = out[0].numel() * torch.empty((), dtype=dtype).element_size() if shape else out.element_size()
+    f.seek(data_start + entry["data_offsets"][0] + first_row * row_bytes)
+    if dtype == out.dtype and out.is_contiguous() and out.device.type == "cpu":
+        f.readinto(memoryview(out.view(torch.uint8).numpy()).cast("B"))  # straight into the shard
+        return
+    buffer = torch.empty(out.shape, dtype=dtype)
+    f.readinto(memoryview(buffer.view(torch.uint8).numpy()).cast("B"))
+    out.copy_(buffer)  # a bf16 checkpoint into fp32 master weights, or onto the GPU
+
+
 def _safetensors_files(path: str) -> list[str]:
     import glob
-    import json
     import os
 
     index = os.path.join(path, "model.safetensors.index.json")

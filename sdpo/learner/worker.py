@@ -20,11 +20,14 @@ from sdpo.batch import TrainSample
 from sdpo.config import Config
 from sdpo.learner.model import lm_head_weight, load_sharded, pick_attention, response_hidden, response_logits
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
+from sdpo.learner.single_rank import local_full_state
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.placement import rollout_torch_dtype
 from sdpo.weight_sync.broadcast import join_weight_group
 from sdpo.weight_sync.learner_side import iter_full_tensors, push_weights
 from sdpo.weight_sync.files import savable, write_weights
+
+_PER_STEP = {"loss", "sd_loss", "pg_loss"}  # metrics whose value per step is already a mean over its (mini-)batch
 
 
 class LearnerWorker:
@@ -244,7 +247,8 @@ class LearnerWorker:
         if teacher and self.teacher is None:
             raise ValueError(f"teacher.kind={self.cfg.teacher.kind!r} with loss.objective={self.cfg.loss.objective!r} keeps no separate teacher weights")
         model = self.teacher if teacher else self.student
-        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = (local_full_state(model) if self.world_size == 1  # one rank: its shards are whole, nothing to gather
+                 else get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
         # in the engines' dtype: a bf16 engine needs half the bytes of the fp32 master weights
         path = write_weights(state, directory, version, dtype=rollout_torch_dtype(self.cfg)) if self.rank == 0 else None
         dist.barrier()
@@ -306,9 +310,6 @@ class LearnerWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-_PER_STEP = {"loss", "sd_loss", "pg_loss"}  # each step's value is already a mean over its batch
 
 
 def _node_ip() -> str:

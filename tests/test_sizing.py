@@ -1,0 +1,91 @@
+"""Size-based defaults (sdpo/sizing.py) and the one-rank weight export (sdpo/learner/single_rank.py)."""
+
+import socket
+
+import pytest
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+)
+from transformers import Qwen2ForCausalLM
+
+from sdpo.recipe import load_config
+from sdpo.sizing import SINGLE_RANK_MAX_PARAMS, count_params, fit_to_model
+from sdpo.tiny.model import tiny_model_config
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sizing-model")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(tiny_model_config(100))
+    model.save_pretrained(path)
+    return str(path), sum(p.numel() for p in model.parameters())
+
+
+def test_count_params_matches_the_model(model_path):
+    path, params = model_path
+    assert count_params(path) == params
+    assert count_params("no/such/hub-name") is None
+
+
+def test_small_model_on_gpu_gets_one_rank_with_a_reason(model_path):
+    path, _ = model_path
+    gpu = ["device=cuda", "learner.num_gpus_per_rank=1", "rollout.num_gpus_per_replica=1"]
+    cfg, reasons = fit_to_model(load_config(None, [f"model.path={path}", *gpu]))
+    assert cfg.learner.world_size == 1 and len(reasons) == 1 and "learner.world_size=1" in reasons[0]
+    again, more = fit_to_model(cfg)  # a chosen key counts as set: a second pass changes nothing
+    assert again.learner == cfg.learner and more == []
+
+
+def test_cpu_keeps_two_ranks_and_says_why(model_path):
+    path, _ = model_path
+    cfg, reasons = fit_to_model(load_config(None, [f"model.path={path}"]))
+    assert cfg.learner.world_size == 2 and len(reasons) == 1 and "default kept" in reasons[0]
+
+
+def test_keys_the_user_set_are_kept(model_path):
+    path, _ = model_path
+    gpu = ["device=cuda", "learner.num_gpus_per_rank=1", "rollout.num_gpus_per_replica=1"]
+    cfg, reasons = fit_to_model(load_config(None, [f"model.path={path}", "learner.world_size=2", *gpu]))
+    assert (cfg.learner.world_size, reasons) == (2, [])
+
+
+def test_large_or_unknown_models_keep_the_sharded_default(tmp_path):
+    config = Qwen2ForCausalLM(tiny_model_config(100)).config
+    config.vocab_size, config.hidden_size, config.intermediate_size = 150_000, 1024, 4096
+    config.save_pretrained(tmp_path)
+    assert count_params(str(tmp_path)) > SINGLE_RANK_MAX_PARAMS
+    gpu = ["device=cuda", "learner.num_gpus_per_rank=1", "rollout.num_gpus_per_replica=1"]
+    for path in (str(tmp_path), "some-org/some-hub-model"):
+        cfg, _ = fit_to_model(load_config(None, [f"model.path={path}", *gpu]))
+        assert cfg.learner.world_size == 2
+
+
+def test_one_rank_export_equals_the_full_state_dict(model_path):
+    import torch.distributed as dist
+
+    from sdpo.learner.worker import LearnerWorker
+
+    path, _ = model_path
+    cfg = load_config(None, ["learner.world_size=1", "prompts_per_step=1", "rollout.samples_per_prompt=1"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = LearnerWorker(0, 1, cfg.model_dump_json(), path)
+    worker.setup("127.0.0.1", port)
+    try:
+        from sdpo.learner.single_rank import local_full_state
+
+        with torch.no_grad():  # weights that differ from the checkpoint's, as after a step
+            for p in worker.student.parameters():
+                p.to_local().add_(0.5)
+        ours = local_full_state(worker.student)
+        reference = get_model_state_dict(worker.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        assert ours.keys() == reference.keys()
+        for name in ours:
+            assert torch.equal(ours[name], reference[name]), name
+    finally:
+        worker.shutdown()
+        assert not dist.is_initialized()
