@@ -30,6 +30,8 @@ from sdpo.checkpoint import Checkpoints, size_bytes, step_of, truncate_metrics
 from sdpo.cluster import colocated_placement_group, start_ray
 from sdpo.config import Config
 from sdpo.env_pool import EnvPool
+from sdpo.episodes import EpisodeLimits, run_episodes
+from environments.multi_turn import is_multi_turn
 from sdpo.learner.group import LearnerGroup, LearnerTimeout
 from sdpo.metrics import PhaseTimer, RunLogger
 from sdpo.models import load_tokenizer, resolve_model_path, stop_token_ids
@@ -112,6 +114,7 @@ class Run:
         """The parts that need no Ray; ``start`` makes the actors."""
         self.cfg = cfg
         env, tasks_by_split = environment or (load_environment(cfg.environment.name, cfg.environment.kwargs), {})
+        self.env = env  # multi-turn environments step in the driver (sdpo/episodes.py)
         split_tasks = {split: tasks_by_split.get(split) or list(env.tasks(split))
                        for split in {cfg.environment.train_split, cfg.environment.eval_split}}
         self.train_tasks, held_out = split_tasks[cfg.environment.train_split], split_tasks[cfg.environment.eval_split]
@@ -154,6 +157,8 @@ class Run:
         """``n`` completions per task from the engines, decoded and scored by the verifiers.
         ``prompt_ids``: the prompts to answer (default: each task's own chat prompt)."""
         timer, cfg = timer or PhaseTimer(), self.cfg
+        if is_multi_turn(self.env):  # episodes: generation and verification interleave, turn by turn
+            return self.sample_episodes(tasks, n, temperature, seed, timer)
         with timer("generate"):
             prompt_ids = prompt_ids or [chat_ids(self.tokenizer, t.messages) for t in tasks]
             groups = self.rollout.generate(prompt_ids, Sampling(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
@@ -164,9 +169,21 @@ class Run:
             verdicts = self.envs.verify([t for t in tasks for _ in range(n)], texts, group_size=n)
         return Rollouts(tasks, prompt_ids, groups, verdicts, n)
 
+    def sample_episodes(self, tasks: list[Task], n: int, temperature: float, seed: int, timer: PhaseTimer) -> Rollouts:
+        """``n`` multi-turn episodes per task (SPEC 2a), each one sample with its final Verdict."""
+        cfg, env_cfg = self.cfg, self.cfg.environment
+        limits = EpisodeLimits(env_cfg.max_turns_per_episode, env_cfg.max_tokens_per_episode or cfg.rollout.max_response_tokens,
+                               env_cfg.tool_timeout_s, self.rollout.settings.max_model_len)
+        sampling = Sampling(n=n, temperature=temperature, top_p=cfg.rollout.top_p, max_new_tokens=limits.max_tokens,
+                            stop_token_ids=self.stops, seed=seed)
+        with timer("episodes"):
+            groups = run_episodes(self.rollout.generate, self.tokenizer, self.env, tasks, sampling, limits)
+        return Rollouts(tasks, [g[0].prompt_ids for g in groups], groups, [e.verdict for g in groups for e in g], n)
+
     def teacher_contexts(self, rollouts: Rollouts, context_cfg=None) -> tuple[list[TrainSample], dict[str, float]]:
         return build_batch(rollouts.tasks, rollouts.prompt_ids, rollouts.groups, rollouts.verdicts_by_group(),
-                           self.tokenizer, context_cfg or self.cfg.teacher_context, self.cfg.loss.advantage_std_normalize)
+                           self.tokenizer, context_cfg or self.cfg.teacher_context, self.cfg.loss.advantage_std_normalize,
+                           tools=getattr(self.env, "tools", None) or None)
 
     def learn(self, batch: list[TrainSample], timer: PhaseTimer) -> dict[str, float]:
         with timer("learn"):
