@@ -74,12 +74,15 @@ class EpisodeLimits:
 
 
 def run_episodes(generate: Callable[[list[list[int]], Sampling], list[list[Completion]]], tokenizer: Any, env: Any,
-                 tasks: list[Task], sampling: Sampling, limits: EpisodeLimits) -> list[list[Episode]]:
-    """``sampling.n`` episodes per task; returns them grouped per task, each with its final Verdict."""
+                 tasks: list[Task], sampling: Sampling, limits: EpisodeLimits,
+                 prompt_ids: list[list[int]] | None = None) -> list[list[Episode]]:
+    """``sampling.n`` episodes per task; returns them grouped per task, each with its final Verdict.
+    ``prompt_ids``: the prompts to start from (default: each task's chat with the tools; the
+    teacher probe passes teacher prompts)."""
     tools = list(getattr(env, "tools", None) or []) or None
     fmt = ToolCallFormat.from_tokenizer(tokenizer) if tools else None
     stops = set(sampling.stop_token_ids or []) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-    prompts = [chat_ids(tokenizer, t.messages, tools=tools) for t in tasks]
+    prompts = prompt_ids or [chat_ids(tokenizer, t.messages, tools=tools) for t in tasks]
     groups = [[Episode(p) for _ in range(sampling.n)] for p in prompts]
     states: dict[int, Any] = {}
     for task, group in zip(tasks, groups):

@@ -158,7 +158,7 @@ class Run:
         ``prompt_ids``: the prompts to answer (default: each task's own chat prompt)."""
         timer, cfg = timer or PhaseTimer(), self.cfg
         if is_multi_turn(self.env):  # episodes: generation and verification interleave, turn by turn
-            return self.sample_episodes(tasks, n, temperature, seed, timer)
+            return self.sample_episodes(tasks, n, temperature, seed, timer, prompt_ids)
         with timer("generate"):
             prompt_ids = prompt_ids or [chat_ids(self.tokenizer, t.messages) for t in tasks]
             groups = self.rollout.generate(prompt_ids, Sampling(n=n, temperature=temperature, top_p=cfg.rollout.top_p,
@@ -169,7 +169,8 @@ class Run:
             verdicts = self.envs.verify([t for t in tasks for _ in range(n)], texts, group_size=n)
         return Rollouts(tasks, prompt_ids, groups, verdicts, n)
 
-    def sample_episodes(self, tasks: list[Task], n: int, temperature: float, seed: int, timer: PhaseTimer) -> Rollouts:
+    def sample_episodes(self, tasks: list[Task], n: int, temperature: float, seed: int, timer: PhaseTimer,
+                        prompt_ids: list[list[int]] | None = None) -> Rollouts:
         """``n`` multi-turn episodes per task (SPEC 2a), each one sample with its final Verdict."""
         cfg, env_cfg = self.cfg, self.cfg.environment
         limits = EpisodeLimits(env_cfg.max_turns_per_episode, env_cfg.max_tokens_per_episode or cfg.rollout.max_response_tokens,
@@ -177,7 +178,7 @@ class Run:
         sampling = Sampling(n=n, temperature=temperature, top_p=cfg.rollout.top_p, max_new_tokens=limits.max_tokens,
                             stop_token_ids=self.stops, seed=seed)
         with timer("episodes"):
-            groups = run_episodes(self.rollout.generate, self.tokenizer, self.env, tasks, sampling, limits)
+            groups = run_episodes(self.rollout.generate, self.tokenizer, self.env, tasks, sampling, limits, prompt_ids)
         return Rollouts(tasks, [g[0].prompt_ids for g in groups], groups, [e.verdict for g in groups for e in g], n)
 
     def teacher_contexts(self, rollouts: Rollouts, context_cfg=None) -> tuple[list[TrainSample], dict[str, float]]:

@@ -279,3 +279,41 @@ def test_final_answer_demonstrations_and_feedback_only_without_solution(tok):
     assert stats["teacher/with_feedback_frac"] == 1.0 and stats["teacher/with_solution_frac"] == 0.0
     samples, _ = batch_of(tok, env, groups, include_environment_feedback=False)
     assert [s.sd_mask for s in samples] == [0, 0]
+
+
+# ---------------------------------------------------------------- the built-in tool task and the README's example
+
+def test_calculator_task_through_an_episode_and_the_warm_starts_call_format(tok):
+    from environments.calculator import Calculator
+    from models.tiny_calculator import _episode, call_text as warm_call
+
+    env = Calculator(limit_per_split=2)
+    task = env.tasks("test")[0]
+    a, b = map(int, task.messages[0]["content"].split("+"))
+    # the warm start writes calls exactly as the chat template renders them
+    rendered = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}]}], tokenize=False)
+    assert "<|im_start|>assistant\n" + warm_call(a, b) + "<|im_end|>" in rendered
+    [[ep]] = run_episodes(Script(tok, [warm_call(a, b), str(a + b)]), tok, env, [task], sampling(tok), limits())
+    assert ep.verdict.reward == 1.0
+    ids, mask = _episode(tok, a, b)  # what the warm start trains on is what an episode holds
+    assert (ids, mask) == (ep.token_ids, ep.loss_mask)
+    [[wrong]] = run_episodes(Script(tok, ["12"]), tok, env, [task], sampling(tok), limits())
+    assert wrong.verdict.reward == 0.0 and "add tool" in wrong.verdict.feedback
+    [[broken]] = run_episodes(Script(tok, ['<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>']), tok, env,
+                              [task], sampling(tok), limits())
+    assert broken.verdict.info["episode_end"] == "tool_error" and "KeyError" in broken.verdict.feedback
+
+
+def test_the_readme_multi_turn_example_runs_and_is_short(tok):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in readme.split("```python\n")[1:] if "MultiTurnEnvironment" in b).split("```")[0]
+    assert len(block.strip().splitlines()) < 30
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    env = scope["Calculator"]()
+    [[ep]] = run_episodes(Script(tok, [call_text("add", a=4821, b=9377), "14198"]), tok, env, env.tasks("train"),
+                          sampling(tok), limits())
+    assert ep.verdict.reward == 1.0 and ep.messages[1]["content"] == "14198"
