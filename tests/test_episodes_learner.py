@@ -64,7 +64,7 @@ def episode_and_spans():
     return episode, spans
 
 
-@pytest.mark.parametrize("objective", ["sdpo", "grpo", "hybrid"])
+@pytest.mark.parametrize("objective", ["sdpo", "grpo", "hybrid", "routed"])
 def test_episode_loss_is_the_sum_of_its_assistant_spans(model, objective):
     cfg = load_config(None, [f"loss.objective={objective}", "loss.aggregation=token_mean", "rollout.temperature=0.8",
                              "loss.topk=null"])
