@@ -11,9 +11,11 @@ an assistant turn's end-of-turn token, cut out of a short reference chat (``obse
 An episode is one training sample (SPEC 2a): ``token_ids`` is the whole response, ``loss_mask`` is
 1 on model tokens and 0 on observation tokens, ``logprobs`` has one entry per model token.
 
-Environment steps run in daemon threads of the driver, ``environment.tool_timeout_s`` each: a step
-that raises or runs past it ends its episode with reward 0 and feedback (a hung thread cannot be
-killed and is left behind; tools that can hang for good belong in the sandbox, with its limits).
+Environment steps run in daemon threads of the driver, all unfinished episodes' steps of a round at
+once (an environment's ``step`` must tolerate that), ``environment.tool_timeout_s`` each: a tool
+that raises or runs past it ends its episode with reward 0 and feedback; a final answer whose
+verification raises or hangs gets no verdict (a hung thread cannot be killed and is left behind;
+tools that can hang for good belong in the sandbox, with its limits).
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ def _step_all(env: Any, calls: list[tuple[Any, dict[str, Any]]], timeout_s: floa
                 out = asyncio.run(_awaited(out))
             results[i] = _checked(out)
         except Exception as err:  # noqa: BLE001 -- a tool's failure is the episode's end, not the run's
-            results[i] = _ended(f"the tool call failed: {type(err).__name__}: {err}", "tool_error")
+            results[i] = _failed(message, f"{type(err).__name__}: {err}", "error")
 
     for i, (state, message) in enumerate(calls):
         bad = [c for c in message.get("tool_calls", []) if c.get("error")]
@@ -182,8 +184,17 @@ def _step_all(env: Any, calls: list[tuple[Any, dict[str, Any]]], timeout_s: floa
     for i, thread in threads:
         thread.join(timeout_s)  # the deadlines overlap: all steps run at once
         if thread.is_alive():
-            results[i] = _ended(f"the tool call did not finish within {timeout_s:g} s", "tool_timeout")
+            results[i] = _failed(calls[i][1], f"it did not finish within {timeout_s:g} s", "timeout")
     return results
+
+
+def _failed(message: dict[str, Any], why: str, kind: str) -> Verdict:
+    """A step that raised or hung. On a turn with tool calls the tool failed: the episode ends with
+    reward 0 and feedback the teacher may use. On a final answer it is the verifier that failed:
+    no verdict at all (SPEC 2a, as a single-turn verify() failure), so no teacher signal."""
+    if message.get("tool_calls"):
+        return _ended(f"the tool call failed: {why}", f"tool_{kind}")
+    return Verdict(0.0, info={"verifier_failure": kind, "error": f"verify() of the final answer: {why}"})
 
 
 async def _awaited(awaitable):

@@ -214,6 +214,19 @@ def test_a_tool_that_raises_or_hangs_ends_the_episode_with_reward_0_and_feedback
     assert hung.verdict.reward == 0.0 and hung.verdict.info["episode_end"] == "tool_timeout" and "0.2 s" in hung.verdict.feedback
 
 
+def test_a_final_answer_whose_verify_raises_has_no_verdict(tok):
+    class Broken(Adder):
+        def verify(self, task, completion):
+            raise ValueError("bad key")
+
+    env = Broken()
+    groups = run_episodes(Script(tok, None, per_episode=[["5"], ["7"]]), tok, env, env.tasks("train"), sampling(tok, n=2), limits())
+    [ep, _] = groups[0]
+    assert ep.verdict.reward == 0.0 and ep.verdict.info["verifier_failure"] == "error" and "bad key" in ep.verdict.info["error"]
+    samples, stats = batch_of(tok, env, groups)
+    assert [s.sd_mask for s in samples] == [0, 0] and stats["teacher/no_verdict_frac"] == 1.0
+
+
 def test_a_malformed_call_is_answered_without_the_tool(tok):
     env = Adder()
     [[ep]] = run_episodes(Script(tok, ["<tool_call>\n{oops}\n</tool_call>", "5"]), tok, env, env.tasks("train"), sampling(tok), limits())
