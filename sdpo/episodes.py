@@ -134,7 +134,9 @@ def run_episodes(generate: Callable[[list[list[int]], Sampling], list[list[Compl
             if isinstance(result, Verdict):
                 ep.verdict = result
                 continue
-            obs = observation_ids(tokenizer, result, tools, stops)
+            # the template's end of an assistant turn is the tokenizer's EOS (<|im_end|> for ChatML), whatever
+            # else the sampling stops at
+            obs = observation_ids(tokenizer, result, tools, {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else stops)
             if len(ep.token_ids) + len(obs) >= limits.max_tokens:
                 ep.verdict = _ended(_out_of_tokens(limits), "token_limit")
             else:

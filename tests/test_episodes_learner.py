@@ -97,3 +97,56 @@ def test_a_mask_of_all_ones_is_bit_identical_to_no_mask(model):
     a = loss_of(model, cfg, spans, Totals.of(spans))
     b = loss_of(model, cfg, masked, Totals.of(masked))
     assert torch.equal(a, b)
+
+
+def test_real_engine_episodes_align_with_the_learner(tmp_path):
+    """Episodes sampled by the HF engine (a random tiny model, many stop ids so turns are short,
+    a simulated user answering each turn): build_batch's samples carry the engine's log-prob of
+    every model token and of nothing else, and the learner's log-probs at exactly those positions
+    (observations in place) agree with them."""
+    from environments import Task, Verdict
+    from environments.multi_turn import MultiTurnEnvironment
+    from sdpo.batch import build_batch
+    from sdpo.config import TeacherContextConfig
+    from sdpo.episodes import EpisodeLimits, run_episodes
+    from sdpo.rollout.base import Sampling
+    from sdpo.rollout.hf_engine import HFEngine
+    from sdpo.tiny.model import tiny_model_config
+    from sdpo.tiny.tokenizer import build_tokenizer
+    from tests.conftest import save_tiny_qwen2
+
+    tok = build_tokenizer()
+    path = save_tiny_qwen2(tmp_path / "m", tiny_model_config(len(tok)))
+    tok.save_pretrained(path)
+
+    class Chatty(MultiTurnEnvironment):
+        """A simulated user: answers the first two turns, then judges."""
+        def tasks(self, split):
+            return [Task(str(i), [{"role": "user", "content": f"q{i}"}]) for i in range(2)]
+
+        def step(self, state, message):
+            if state.turn < 3:
+                return [{"role": "tool", "content": f"turn {state.turn} seen"}]
+            return Verdict(float(len(message["content"]) % 2), "odd")
+
+        def verify(self, task, completion):
+            return Verdict(0.0)
+
+    env, engine = Chatty(), HFEngine(path, dtype="float32", seed=0)
+    stops = tuple([tok.eos_token_id] + list(range(40, 80)))  # ~15% of the vocabulary: turns of a few tokens
+    sampling = Sampling(n=3, temperature=1.0, top_p=1.0, max_new_tokens=200, stop_token_ids=stops, seed=5)
+    groups = run_episodes(engine.generate, tok, env, env.tasks("train"), sampling, EpisodeLimits(3, 200, 10.0))
+    eps = [e for g in groups for e in g]
+    assert all(e.turns == 3 and e.loss_mask.count(0) > 0 for e in eps if e.verdict.info.get("episode_end") is None)
+    assert sum(e.turns == 3 for e in eps) >= 3, [(e.turns, e.verdict.info) for e in eps]
+    samples, _ = build_batch(env.tasks("train"), [g[0].prompt_ids for g in groups], groups,
+                             [[e.verdict for e in g] for g in groups], tok, TeacherContextConfig())
+    model = load_causal_lm(path, "sdpa")
+    with torch.no_grad():
+        keep = model_token_rows(samples, CPU)
+        scores = select_rows(Scores(logits=response_logits(model, [s.prompt_ids for s in samples],
+                                                           [s.response_ids for s in samples], CPU)), keep)
+        learner = scores.token_logprobs(tensors(samples).sampled)
+    engine_logp = torch.tensor([lp for s in samples for lp in s.rollout_logprobs])
+    assert learner.shape == engine_logp.shape == (sum(s.loss_tokens for s in samples),)
+    assert (learner - engine_logp).abs().max().item() < 1e-4
