@@ -26,8 +26,7 @@ import inspect
 import threading
 from typing import Any, Callable
 
-from environments import Task, Verdict
-from environments.multi_turn import EpisodeState
+from environments import EpisodeState, Task, Verdict
 from sdpo.chat import chat_ids
 from sdpo.rollout.base import Completion, Sampling
 from sdpo.tool_calls import ToolCallFormat

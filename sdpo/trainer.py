@@ -23,7 +23,7 @@ from pathlib import Path
 import ray
 import torch.distributed as dist
 
-from environments import Task, Verdict, load_environment
+from environments import Task, Verdict, is_multi_turn, load_environment
 from sdpo.batch import TrainSample, build_batch
 from sdpo.chat import bind_template_kwargs, chat_ids
 from sdpo.checkpoint import Checkpoints, size_bytes, step_of, truncate_metrics
@@ -31,7 +31,6 @@ from sdpo.cluster import colocated_placement_group, start_ray
 from sdpo.config import Config
 from sdpo.env_pool import EnvPool
 from sdpo.episodes import EpisodeLimits, run_episodes
-from environments.multi_turn import is_multi_turn
 from sdpo.learner.group import LearnerGroup, LearnerTimeout
 from sdpo.metrics import PhaseTimer, RunLogger
 from sdpo.models import load_tokenizer, resolve_model_path, stop_token_ids
