@@ -215,16 +215,19 @@ def _checked(out: Any) -> list[dict[str, Any]] | Verdict:
 
 def observation_ids(tokenizer: Any, tool_messages: list[dict[str, Any]], tools: list | None, stops: set[int]) -> list[int]:
     """The ids that follow an assistant turn's end-of-turn token when ``tool_messages`` answer it,
-    through the next assistant header: the chat template's own rendering, cut from a reference chat
-    (user, assistant, then the tool messages) right after the assistant's end-of-turn token."""
+    through the next assistant header: the chat template's own rendering of a reference chat (user,
+    assistant, then the tool messages), cut right after the assistant's end-of-turn token. Found by
+    count, not by comparing prefixes: templates such as Qwen3's render the assistant message itself
+    differently once tool messages follow it (its empty think block goes), which does not matter here,
+    since the model's own tokens stand in its place."""
     base = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
-    before = chat_ids(tokenizer, base, add_generation_prompt=False, tools=tools)
+    turn_ends = sum(t in stops for t in chat_ids(tokenizer, base, add_generation_prompt=False, tools=tools))
     after = chat_ids(tokenizer, base + tool_messages, add_generation_prompt=True, tools=tools)
-    ends = [i for i, t in enumerate(before) if t in stops]
-    if not ends or after[: ends[-1] + 1] != before[: ends[-1] + 1]:
-        raise ValueError("the chat template does not render tool messages as a continuation after the assistant's "
-                         "end-of-turn token: observation tokens cannot be appended without re-tokenizing")
-    return after[ends[-1] + 1:]
+    ends = [i for i, t in enumerate(after) if t in stops]
+    if not turn_ends or len(ends) < turn_ends:
+        raise ValueError("the chat template does not end an assistant turn with the tokenizer's EOS, then render tool "
+                         "messages after it: observation tokens cannot be appended without re-tokenizing")
+    return after[ends[turn_ends - 1] + 1:]
 
 
 def demonstration_text(episode: Episode, mode: str) -> str:

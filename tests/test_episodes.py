@@ -330,3 +330,23 @@ def test_the_readme_multi_turn_example_runs_and_is_short(tok):
     [[ep]] = run_episodes(Script(tok, [call_text("add", a=4821, b=9377), "14198"]), tok, env, env.tasks("train"),
                           sampling(tok), limits())
     assert ep.verdict.reward == 1.0 and ep.messages[1]["content"] == "14198"
+
+
+def test_a_qwen3_style_template_splices_observations_after_the_turn(tok):
+    """A Qwen3-based template (shipped with vLLM) renders the last assistant message with an empty
+    think block that goes once tool messages follow: the observation is still the rendering after
+    the assistant's end-of-turn, through the next assistant header."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("vllm")  # its location only: importing vLLM is slow
+    path = Path(spec.submodule_search_locations[0] if spec else "/nonexistent") / "transformers_utils" / "chat_templates" / "template_minicpmv45.jinja"
+    if not path.is_file():
+        pytest.skip("vLLM's bundled Qwen3-style template is not there")
+    qwen3 = build_tokenizer()
+    qwen3.chat_template = path.read_text()
+    fmt = ToolCallFormat.from_tokenizer(qwen3)
+    assert (fmt.opening, fmt.closing) == ("<tool_call>", "</tool_call>")
+    obs = observation_ids(qwen3, [{"role": "tool", "name": "add", "content": "5"}], Adder.tools, {qwen3.eos_token_id})
+    assert qwen3.decode(obs) == ("\n<|im_start|>user\n<tool_response>\n5\n</tool_response><|im_end|>\n"
+                                 "<|im_start|>assistant\n<think>\n\n</think>\n\n")
