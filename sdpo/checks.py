@@ -41,7 +41,7 @@ def model_config(path: str) -> dict[str, Any] | None:
 
 def engine_window() -> int:
     """The context the rollout engines are started with (make_engine's max_model_len)."""
-    from sdpo.rollout.base import make_engine
+    from sdpo.rollout import make_engine
 
     return inspect.signature(make_engine).parameters["max_model_len"].default
 
