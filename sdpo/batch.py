@@ -17,6 +17,7 @@ from environments import Task, Verdict
 from environments.base import has_no_verdict
 from sdpo.chat import chat_ids
 from sdpo.config import TeacherContextConfig
+from sdpo.episodes import Episode, demonstration_text
 from sdpo.loss import group_advantages
 from sdpo.rollout.base import Completion
 from sdpo.teacher_context import build_teacher_contexts, truncate_prompt_ids
@@ -31,11 +32,20 @@ class TrainSample:
     sd_mask: int
     advantage: float = 0.0  # group-relative reward (GRPO / hybrid objectives)
     success: int = 0  # reward >= success_threshold (loss.objective=routed sends these to the policy gradient)
+    # Multi-turn episodes (SPEC 2a): 1 on the model's tokens, 0 on observation tokens, which are
+    # context only (no loss, no IS weight, not counted). None: every token is the model's.
+    # rollout_logprobs has one entry per model token.
+    loss_mask: list[int] | None = None
 
     @property
     def num_tokens(self) -> int:
         # What a learner forward costs: the student and the teacher sequence.
         return len(self.prompt_ids) + len(self.teacher_prompt_ids) + 2 * len(self.response_ids)
+
+    @property
+    def loss_tokens(self) -> int:
+        """Response tokens the loss is taken over: the model's."""
+        return len(self.response_ids) if self.loss_mask is None else sum(self.loss_mask)
 
 
 def build_batch(
@@ -47,16 +57,22 @@ def build_batch(
     cfg: TeacherContextConfig,
     std_normalize_advantages: bool = True,
     max_positions: int | None = None,
+    tools: list[dict] | None = None,
 ) -> tuple[list[TrainSample], dict[str, float]]:
     """``max_positions``: the model's context (default: read from the tokenizer's model folder). No
     sequence the learner sees may be longer: a student prompt and response that do not fit are an
-    error, and a teacher prompt is truncated (``teacher_truncation``) to fit next to its response."""
+    error, and a teacher prompt is truncated (``teacher_truncation``) to fit next to its response.
+
+    Multi-turn episodes (sdpo/episodes.py) are samples like any other: their demonstrations are
+    ``demonstration_text`` per ``cfg.episode_demonstration``, ``tools`` go into the teacher's chat
+    template as into the student's, and their loss masks travel with them (SPEC 2a)."""
     positions = max_positions or model_positions(getattr(tokenizer, "name_or_path", ""))
     samples: list[TrainSample] = []
     with_solution = with_feedback = no_verdict = 0
     rendered: dict[str, list[int]] = {}  # chat template output per distinct teacher context
     for task, ids, group, group_verdicts in zip(tasks, prompt_ids, groups, verdicts):
-        texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
+        texts = [demonstration_text(c, cfg.episode_demonstration) if isinstance(c, Episode)
+                 else tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in group]
         # A sample whose verifier failed was never judged: it is nobody's demonstration (-inf never
         # passes the success threshold), its error text is not feedback, and it teaches nothing.
         scored = [not has_no_verdict(v) for v in group_verdicts]
@@ -71,12 +87,13 @@ def build_batch(
             signal = bool(context.sd_mask and ok)
             key = repr(context.messages)  # siblings shown the same demonstration share one teacher prompt
             if signal and key not in rendered:
-                rendered[key] = chat_ids(tokenizer, context.messages)
+                rendered[key] = chat_ids(tokenizer, context.messages, **({"tools": tools} if tools else {}))
             teacher_ids = ids if not signal else truncate_prompt_ids(
                 rendered[key], teacher_prompt_budget(cfg, positions, len(completion.token_ids)), cfg.teacher_truncation,
             )
             samples.append(TrainSample(ids, completion.token_ids, completion.logprobs, teacher_ids, int(signal), advantage,
-                                       success=int(ok and verdict.reward >= cfg.success_threshold)))
+                                       success=int(ok and verdict.reward >= cfg.success_threshold),
+                                       loss_mask=list(completion.loss_mask) if isinstance(completion, Episode) else None))
             with_solution += context.has_solution and ok
             with_feedback += context.has_feedback and ok
             no_verdict += not ok

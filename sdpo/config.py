@@ -39,6 +39,9 @@ class TeacherContextConfig(Section):
     # "left" drops the oldest tokens and so always keeps the assistant header the response is
     # scored after; "right" (what the reference code does) can cut that header off.
     teacher_truncation: Literal["left", "right", "error"] = "left"
+    # Multi-turn episodes (SPEC 2a): a successful sibling's whole episode as the demonstration, or
+    # only its final answer.
+    episode_demonstration: Literal["episode", "final_answer"] = "episode"
 
     @model_validator(mode="after")
     def _templates(self) -> "TeacherContextConfig":
@@ -142,6 +145,13 @@ class EnvironmentConfig(Section):
     # verifier_failure_window_rounds rounds. 1: never stop.
     max_verifier_failure_frac: float = Field(0.5, ge=0.0, le=1.0)
     verifier_failure_window_rounds: int = Field(5, ge=1)
+    # Multi-turn environments (environments/multi_turn.py) only. An episode ends when the model
+    # answers, after max_turns_per_episode model turns, or when its response (model and observation
+    # tokens) reaches max_tokens_per_episode (None: rollout.max_response_tokens). One step() call
+    # (a tool run) past tool_timeout_s ends the episode with reward 0 and feedback.
+    max_turns_per_episode: int = Field(4, ge=1)
+    max_tokens_per_episode: int | None = Field(None, gt=0)
+    tool_timeout_s: float = Field(30.0, gt=0.0)
 
 
 class RolloutConfig(Section):

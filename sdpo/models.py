@@ -11,7 +11,8 @@ from pathlib import Path
 # model's directory. Resolved by name, so the core package imports no built-in (they import
 # specific environments); the modules live in models/ at the top of the repository.
 BUILT_IN = {"tiny-arithmetic": "models.tiny_arithmetic:ensure_tiny_model",
-            "tiny-pairsums": "models.tiny_pairsums:ensure_feedback_model"}
+            "tiny-pairsums": "models.tiny_pairsums:ensure_feedback_model",
+            "tiny-calculator": "models.tiny_calculator:ensure_tiny_calculator"}
 EMBEDDED = set(BUILT_IN)
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

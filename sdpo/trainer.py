@@ -25,7 +25,7 @@ from pathlib import Path
 import ray
 import torch.distributed as dist
 
-from environments import Task, Verdict, load_environment
+from environments import Task, Verdict, is_multi_turn, load_environment
 from sdpo.async_rollout import AsyncRollouts
 from sdpo.batch import TrainSample, build_batch
 from sdpo.chat import bind_template_kwargs, chat_ids
@@ -33,6 +33,7 @@ from sdpo.checkpoint import Checkpoints, size_bytes, step_of, truncate_metrics
 from sdpo.cluster import colocated_placement_group, start_ray
 from sdpo.config import Config
 from sdpo.env_pool import EnvPool
+from sdpo.episodes import EpisodeLimits, run_episodes
 from sdpo.learner.group import LearnerGroup, LearnerTimeout
 from sdpo.metrics import PhaseTimer, RunLogger
 from sdpo.models import load_tokenizer, resolve_model_path, stop_token_ids
@@ -112,6 +113,7 @@ class Run:
         """The parts that need no Ray; ``start`` makes the actors."""
         self.cfg = cfg
         env, tasks_by_split = environment or (load_environment(cfg.environment.name, cfg.environment.kwargs), {})
+        self.env = env  # multi-turn environments step in the driver (sdpo/episodes.py)
         split_tasks = {split: tasks_by_split.get(split) or list(env.tasks(split))
                        for split in {cfg.environment.train_split, cfg.environment.eval_split}}
         self.train_tasks, held_out = split_tasks[cfg.environment.train_split], split_tasks[cfg.environment.eval_split]
@@ -156,6 +158,8 @@ class Run:
         """``n`` completions per task from the engines, decoded and scored by the verifiers.
         ``prompt_ids``: the prompts to answer (default: each task's own chat prompt)."""
         timer, cfg = timer or PhaseTimer(), self.cfg
+        if is_multi_turn(self.env):  # episodes: generation and verification interleave, turn by turn
+            return self.sample_episodes(tasks, n, temperature, seed, timer, prompt_ids)
         pending = []  # (prompt indices, verdicts in flight): verification starts as each replica's share arrives
 
         def verify_share(indices: list[int], groups: list[list[Completion]]) -> None:
@@ -223,9 +227,22 @@ class Run:
             self.producer.stop()
             self.producer = None
 
+    def sample_episodes(self, tasks: list[Task], n: int, temperature: float, seed: int, timer: PhaseTimer,
+                        prompt_ids: list[list[int]] | None = None) -> Rollouts:
+        """``n`` multi-turn episodes per task (SPEC 2a), each one sample with its final Verdict."""
+        cfg, env_cfg = self.cfg, self.cfg.environment
+        limits = EpisodeLimits(env_cfg.max_turns_per_episode, env_cfg.max_tokens_per_episode or cfg.rollout.max_response_tokens,
+                               env_cfg.tool_timeout_s, self.rollout.settings.max_model_len)
+        sampling = Sampling(n=n, temperature=temperature, top_p=cfg.rollout.top_p, max_new_tokens=limits.max_tokens,
+                            stop_token_ids=self.stops, seed=seed)
+        with timer("episodes"):
+            groups = run_episodes(self.rollout.generate, self.tokenizer, self.env, tasks, sampling, limits, prompt_ids)
+        return Rollouts(tasks, [g[0].prompt_ids for g in groups], groups, [e.verdict for g in groups for e in g], n)
+
     def teacher_contexts(self, rollouts: Rollouts, context_cfg=None) -> tuple[list[TrainSample], dict[str, float]]:
         return build_batch(rollouts.tasks, rollouts.prompt_ids, rollouts.groups, rollouts.verdicts_by_group(),
-                           self.tokenizer, context_cfg or self.cfg.teacher_context, self.cfg.loss.advantage_std_normalize)
+                           self.tokenizer, context_cfg or self.cfg.teacher_context, self.cfg.loss.advantage_std_normalize,
+                           tools=getattr(self.env, "tools", None) or None)
 
     def learn(self, batch: list[TrainSample], timer: PhaseTimer) -> dict[str, float]:
         with timer("learn"):

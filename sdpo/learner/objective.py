@@ -33,11 +33,12 @@ class Totals:
 
     @classmethod
     def of(cls, samples: list) -> "Totals":
-        """The normalizers of a list of ``TrainSample``s (sd_mask, success, response_ids)."""
+        """The normalizers of a list of ``TrainSample``s (sd_mask, success, loss_tokens: the model's
+        response tokens; an episode's observation tokens are not counted, SPEC 2a)."""
         return cls(sequences=len(samples),
-                   sd_tokens=sum(len(s.response_ids) for s in samples if s.sd_mask),
-                   all_tokens=sum(len(s.response_ids) for s in samples),
-                   routed_tokens=sum(len(s.response_ids) for s in samples if s.success or s.sd_mask))
+                   sd_tokens=sum(s.loss_tokens for s in samples if s.sd_mask),
+                   all_tokens=sum(s.loss_tokens for s in samples),
+                   routed_tokens=sum(s.loss_tokens for s in samples if s.success or s.sd_mask))
 
 
 @dataclass

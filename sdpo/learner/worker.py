@@ -83,7 +83,8 @@ class LearnerWorker:
             raise ValueError(f"teacher.path={self.cfg.teacher.path!r}: its vocabulary differs from the student's")
         return teacher.eval()
 
-    def _scores(self, model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]]) -> Scores:
+    def _scores(self, model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]],
+                keep: torch.Tensor | None = None) -> Scores:
         """Scores of the distribution the engine sampled from: the logits divided by
         rollout.temperature, as the engines' log-probs are (sdpo/rollout/base.py), for student and
         teacher alike (the authors' code and TRL do the same)."""
@@ -93,21 +94,22 @@ class LearnerWorker:
         else:
             hidden = response_hidden(model, prompts, responses, self.device, self.packed)
             scores = Scores(hidden=hidden, weight=lm_head_weight(model, hidden.dtype), chunk_tokens=chunk)
-        return scores.tempered(self.cfg.rollout.temperature)
+        return select_rows(scores, keep).tempered(self.cfg.rollout.temperature)
 
     @torch.no_grad()
-    def _teacher_scores(self, prompts: list[list[int]], responses: list[list[int]]) -> Scores | None:
+    def _teacher_scores(self, prompts: list[list[int]], responses: list[list[int]],
+                        keep: torch.Tensor | None = None) -> Scores | None:
         kind = self.cfg.teacher.kind
         if self.cfg.loss.objective == "grpo":
             return None
         if kind == "live":
-            return self._scores(self.student, prompts, responses)
-        scores = self._scores(self.teacher, prompts, responses)
+            return self._scores(self.student, prompts, responses, keep)
+        scores = self._scores(self.teacher, prompts, responses, keep)
         if kind == "trust_region":
             # Interpolate logits between the initial model and the current policy, both on the
             # teacher context: the teacher can move only as far as the rate lets it.
             rate = self.cfg.teacher.update_rate
-            live = self._scores(self.student, prompts, responses)
+            live = self._scores(self.student, prompts, responses, keep)
             if scores.logits is not None:
                 return Scores(logits=torch.lerp(scores.logits.float(), live.logits.float(), rate))
             # (1-r) W0 h0 + r W1 h1 = [(1-r) h0, r h1] @ [W0, W1]^T: still one chunkable projection.
@@ -138,8 +140,9 @@ class LearnerWorker:
             for (micros, totals), (masks, old_logps) in zip(minis, pre):
                 for m, micro in enumerate(micros):
                     responses = [s.response_ids for s in micro]
-                    teacher = self._teacher_scores([s.teacher_prompt_ids for s in micro], responses)
-                    student = self._scores(self.student, [s.prompt_ids for s in micro], responses)
+                    keep = model_token_rows(micro, self.device)
+                    teacher = self._teacher_scores([s.teacher_prompt_ids for s in micro], responses, keep)
+                    student = self._scores(self.student, [s.prompt_ids for s in micro], responses, keep)
                     mb = self._tensors(micro)
                     loss, stats = micro_batch_loss(cfg.loss, student, teacher, mb, old_logps[m], totals, masks[m])
                     if old_logps[m] is None and steps > 1:
@@ -161,7 +164,9 @@ class LearnerWorker:
         return sums
 
     def _tensors(self, micro: list[TrainSample]) -> MicroBatch:
-        responses = [s.response_ids for s in micro]
+        # The model's tokens only: an episode's observation tokens are context, not predictions (SPEC 2a).
+        responses = [s.response_ids if s.loss_mask is None else [t for t, m in zip(s.response_ids, s.loss_mask) if m]
+                     for s in micro]
         return MicroBatch(
             sampled=torch.tensor([t for r in responses for t in r], device=self.device),
             seq_index=torch.repeat_interleave(torch.arange(len(micro)), torch.tensor([len(r) for r in responses])).to(self.device),
@@ -182,7 +187,8 @@ class LearnerWorker:
             return [None] * len(micros), [None] * len(micros)
         entropies, old = [], []
         for micro in micros:
-            scores = self._scores(self.student, [s.prompt_ids for s in micro], [s.response_ids for s in micro])
+            scores = self._scores(self.student, [s.prompt_ids for s in micro], [s.response_ids for s in micro],
+                                  model_token_rows(micro, self.device))
             entropies.append(scores.entropy() if quantile < 1.0 else None)
             old.append(scores.token_logprobs(self._tensors(micro).sampled) if logps else None)
         if quantile == 1.0:
@@ -310,6 +316,24 @@ class LearnerWorker:
     def shutdown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def model_token_rows(micro: list[TrainSample], device: torch.device) -> torch.Tensor | None:
+    """Which of a micro-batch's response positions hold the model's tokens (bool, one per response
+    token), or None when all do (single-turn samples: nothing is selected, results stay bit-identical)."""
+    if all(s.loss_mask is None for s in micro):
+        return None
+    return torch.tensor([bool(m) for s in micro for m in (s.loss_mask if s.loss_mask is not None else [1] * len(s.response_ids))],
+                        device=device)
+
+
+def select_rows(scores: Scores, keep: torch.Tensor | None) -> Scores:
+    """The scores at the ``keep`` rows only (the episode's model tokens)."""
+    if keep is None:
+        return scores
+    if scores.logits is not None:
+        return Scores(logits=scores.logits[keep])
+    return Scores(hidden=scores.hidden[keep], weight=scores.weight, chunk_tokens=scores.chunk_tokens)
 
 
 def _node_ip() -> str:

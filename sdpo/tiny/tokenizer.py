@@ -22,10 +22,35 @@ UNK, PAD, BOS_CHAT, EOS = "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [UNK, PAD, BOS_CHAT, EOS]  # ids 0..3; byte b has id 4 + b
 
 # ChatML. `enable_thinking` is accepted by the renderer (extra kwargs become template variables) and
-# ignored: the tiny model has no thinking mode.
+# ignored: the tiny model has no thinking mode. Tools follow Qwen2.5/Qwen3's (Hermes) convention, kept
+# short for a small context: the tool names in a system turn, a call as
+# `<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>` after the assistant's content, and
+# consecutive `tool` messages in one user turn, each as `<tool_response>\n...\n</tool_response>`.
+# Without tools and tool messages it renders exactly the plain ChatML above (same ids as before).
 CHAT_TEMPLATE = (
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n<tools>' -}}"
+    "{%- for tool in tools -%}"
+    "{%- set fn = tool.function if tool.function is defined else tool -%}"
+    "{{- (' ' if not loop.first else '') + fn.name -}}"
+    "{%- endfor -%}"
+    "{{- '</tools><|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' -}}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{%- if loop.first or loop.previtem['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' -}}"
+    "{%- if loop.last or loop.nextitem['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- else -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] -}}"
+    "{%- for call in (message.tool_calls or []) -%}"
+    "{%- set fn = call.function if call.function is defined else call -%}"
+    "{{- ('\\n' if message['content'] or not loop.first else '') + '<tool_call>\\n{\"name\": \"' + fn.name + '\", \"arguments\": ' -}}"
+    "{{- fn.arguments if fn.arguments is string else fn.arguments | tojson -}}"
+    "{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
+    "{{- '<|im_end|>' + '\\n' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}"
     "{{- '<|im_start|>assistant\\n' -}}"
