@@ -19,11 +19,15 @@ import torch
 
 # name -> Qwen2Config fields (head_dim 64 everywhere: a size vLLM-CPU's attention supports)
 SHAPES = {
-    "1M": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=512, num_attention_heads=2, num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False),
-    "10M": dict(hidden_size=256, num_hidden_layers=6, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=4, vocab_size=8192, tie_word_embeddings=False),
-    "100M": dict(hidden_size=768, num_hidden_layers=6, intermediate_size=3072, num_attention_heads=12, num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=False),
+    "1M": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=512,
+                num_attention_heads=2, num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False),
+    "10M": dict(hidden_size=256, num_hidden_layers=6, intermediate_size=1024,
+                num_attention_heads=4, num_key_value_heads=4, vocab_size=8192, tie_word_embeddings=False),
+    "100M": dict(hidden_size=768, num_hidden_layers=6, intermediate_size=3072,
+                num_attention_heads=12, num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=False),
     # Qwen2-0.5B's shape (494M parameters)
-    "500M": dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "500M": dict(hidden_size=896, num_hidden_layers=24, intermediate_size=4864,
+                num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
 }
 
 

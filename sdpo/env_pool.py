@@ -29,7 +29,6 @@ from environments.base import has_no_verdict, verdict_problem
 from sdpo.cluster import start_actor
 from sdpo.config import EnvironmentConfig
 
-
 # A round this small (a one-task evaluation) failing whole says little: the window decides instead.
 MIN_CALLS_TO_JUDGE_ONE_ROUND = 4
 

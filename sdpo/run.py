@@ -18,7 +18,8 @@ from pathlib import Path
 
 from sdpo.cluster import check_fits_locally, describe_placement, placement
 from sdpo.config import Config, EnvironmentConfig
-from sdpo.placement import check_placement, describe as describe_engines, model_max_positions
+from sdpo.placement import check_placement, model_max_positions
+from sdpo.placement import describe as describe_engines
 from sdpo.recipe import RecipeError, load_config, to_yaml
 from sdpo.sizing import fit_to_model
 

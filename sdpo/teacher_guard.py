@@ -18,8 +18,8 @@ Pure Python: no torch, no Ray; ``apply`` is the one call the training loop makes
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 Action = Literal["none", "snapshot", "warn", "freeze", "reset"]
@@ -78,7 +78,8 @@ class TeacherGuard:
                     # After a resume no copy exists yet (copies live in learner memory, not checkpoints).
                     if not self.frozen:
                         self.frozen = True
-                        action, message = "freeze", f"teacher guard: {what}; no good copy since the run (re)started, so freezing instead of resetting"
+                        action, message = "freeze", (f"teacher guard: {what}; no good copy since the run (re)started, "
+                                                     "so freezing instead of resetting")
                 else:
                     action = "reset"
                     message = f"teacher guard: {what}; resetting the teacher to its copy of step {self.snapshot_step}"

@@ -376,7 +376,8 @@ def test_a_prompt_longer_than_the_models_context(user_env):
     (user_env / "long.jsonl").write_text('{"question": "1+1", "answer": "2"}\n' + '{"question": "%s", "answer": "2"}\n' % ("9 " * 3000))
     out = run_cli(QUICKSTART, "environment.name=qa_env:QA", f"environment.kwargs={{path: {user_env / 'long.jsonl'}}}",
                   pythonpath=user_env)
-    assert_rejected(out, "task '1' (#1) of environment.train_split='train' has a prompt of", "leaves only 1024 for a prompt: raise rollout.max_prompt_tokens")
+    assert_rejected(out, "task '1' (#1) of environment.train_split='train' has a prompt of",
+                    "leaves only 1024 for a prompt: raise rollout.max_prompt_tokens")
 
 
 def test_a_teacher_prompt_budget_past_the_models_positions():

@@ -14,7 +14,8 @@ def test_build_batch_uses_the_dataset_demonstration_per_source(source, solution_
     tok = build_tokenizer()
     task = Task(id="0", messages=[{"role": "user", "content": "12+3"}], demonstration="15")
     prompt = tok.encode("P")
-    group = [Completion(token_ids=tok.encode("14"), logprobs=[-1.0, -1.0], finish_reason="length"), Completion(token_ids=tok.encode("13"), logprobs=[-1.0, -1.0], finish_reason="length")]
+    group = [Completion(token_ids=tok.encode("14"), logprobs=[-1.0, -1.0], finish_reason="length"),
+             Completion(token_ids=tok.encode("13"), logprobs=[-1.0, -1.0], finish_reason="length")]
     verdicts = [Verdict(0.0), Verdict(0.0)]
     cfg = TeacherContextConfig(demonstration_source=source)
     samples, stats = build_batch([task], [prompt], [group], [verdicts], tok, cfg)

@@ -165,7 +165,8 @@ def test_episode_ids_masks_and_logprobs_across_turns(tok):
     assert script.calls[1][0] == [ep.prompt_ids + turn1 + obs]
     # and the whole episode is exactly the template's rendering of the conversation it stands for
     conversation = env.tasks("train")[0].messages + [
-        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
+        {"role": "assistant", "content": "",
+         "tool_calls": [{"type": "function", "function": {"name": "add", "arguments": {"a": 2, "b": 3}}}]},
         {"role": "tool", "name": "add", "content": "5"}, {"role": "assistant", "content": "5"}]
     assert ep.prompt_ids + ep.token_ids == chat_ids(tok, conversation, add_generation_prompt=False, tools=env.tools)[:-1]
     assert [m["role"] for m in ep.messages] == ["assistant", "tool", "assistant"]
@@ -298,7 +299,8 @@ def test_final_answer_demonstrations_and_feedback_only_without_solution(tok):
 
 def test_calculator_task_through_an_episode_and_the_warm_starts_call_format(tok):
     from environments.calculator import Calculator
-    from models.tiny_calculator import _episode, call_text as warm_call
+    from models.tiny_calculator import _episode
+    from models.tiny_calculator import call_text as warm_call
 
     env = Calculator(limit_per_split=2)
     task = env.tasks("test")[0]
@@ -340,7 +342,8 @@ def test_a_qwen3_style_template_splices_observations_after_the_turn(tok):
     from pathlib import Path
 
     spec = importlib.util.find_spec("vllm")  # its location only: importing vLLM is slow
-    path = Path(spec.submodule_search_locations[0] if spec else "/nonexistent") / "transformers_utils" / "chat_templates" / "template_minicpmv45.jinja"
+    root = Path(spec.submodule_search_locations[0] if spec else "/nonexistent")
+    path = root / "transformers_utils" / "chat_templates" / "template_minicpmv45.jinja"
     if not path.is_file():
         pytest.skip("vLLM's bundled Qwen3-style template is not there")
     qwen3 = build_tokenizer()

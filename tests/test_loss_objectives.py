@@ -41,7 +41,9 @@ def test_tempered_scores_are_logits_over_temperature_on_both_paths():
 
 
 def _mb(sampled, seq_index, rollout_logp, sd_mask, advantage, success=None):
-    f = lambda x: torch.tensor(x, dtype=torch.float64)
+    def f(x):
+        return torch.tensor(x, dtype=torch.float64)
+
     return MicroBatch(sampled=torch.tensor(sampled), seq_index=torch.tensor(seq_index), rollout_logp=f(rollout_logp),
                       sd_mask=f(sd_mask), advantage=f(advantage), success=None if success is None else f(success))
 

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 
 from sdpo.rollout import make_engine, vllm_available
 from sdpo.rollout.base import Completion, Sampling
-from sdpo.weight_sync.files import write_weights
 from sdpo.rollout.worker import RolloutWorker
+from sdpo.weight_sync.files import write_weights
 
 TOL = 1e-4  # max abs log-prob difference from the fp32 reference
 STOP = list(range(100, 128))  # 28 of 128 ids stop: most completions stop well before the limit

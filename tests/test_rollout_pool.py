@@ -24,10 +24,10 @@ from sdpo.rollout import vllm_available
 from sdpo.rollout.base import Sampling
 from sdpo.rollout.pool import RolloutPool, balance
 from sdpo.weight_sync.broadcast import join_weight_group, send_weights
-from sdpo.weight_sync.buckets import iter_buckets, pack, plan_buckets, meta_of, unpack
+from sdpo.weight_sync.buckets import iter_buckets, meta_of, pack, plan_buckets, unpack
+from sdpo.weight_sync.files import write_weights
 from sdpo.weight_sync.handles import send_weights_by_handle
 from sdpo.weight_sync.learner_side import iter_full_tensors
-from sdpo.weight_sync.files import write_weights
 
 TOL = 1e-4
 STOP = list(range(100, 128))

@@ -100,7 +100,8 @@ def main() -> None:
                        peak_mib=memory[name].get("cuda_peak_mib", memory[name]["rss_peak_mib"]), load_average=load, **tokens)
             rows.append(row)
             print(f"{shape:13s} {name:5s} {s:8.3f} s/step  {row['forward_tok_s']:10.0f} forward tok/s  MFU {100 * row['mfu']:5.1f}%  "
-                  f"peak {row['peak_mib']:8.0f} MiB  ({row['micro_batches']} micro-batches, {tokens['forward']} forward tokens)", flush=True)
+                  f"peak {row['peak_mib']:8.0f} MiB  ({row['micro_batches']} micro-batches, "
+                  f"{tokens['forward']} forward tokens)", flush=True)
         if with_trl:
             by = {r["side"]: r for r in rows if r["shape"] == shape}
             print(f"RATIO {shape}: ours / trl tokens/s = {by['trl']['seconds'] / by['ours']['seconds']:.2f}")

@@ -18,7 +18,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
-
 from protocol import serve  # noqa: E402
 from workload import load_batch  # noqa: E402
 

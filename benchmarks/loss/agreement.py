@@ -71,7 +71,8 @@ def trl_vs_ours(tokens_per_seq: int, seqs: int, vocab: int, dtype: torch.dtype) 
     student0 = (3 * torch.randn(n, vocab, generator=g)).to(dtype)
     teacher = (student0.float() + torch.randn(n, vocab, generator=g)).to(dtype)
     ids = torch.randint(0, vocab, (n,), generator=g)
-    old_logp = token_logprobs(student0, ids) + 0.5 * torch.randn(n, generator=g, dtype=torch.float64).to(dtype if dtype == torch.float64 else torch.float32)
+    noise = torch.randn(n, generator=g, dtype=torch.float64).to(dtype if dtype == torch.float64 else torch.float32)
+    old_logp = token_logprobs(student0, ids) + 0.5 * noise
     seq_index = torch.arange(seqs).repeat_interleave(tokens_per_seq)
     ones = torch.ones(n, dtype=dtype)
 

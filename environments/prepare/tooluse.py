@@ -18,7 +18,8 @@ from typing import Any, Iterator
 from environments.prepare.common import iter_local, write_jsonl, write_manifest
 from environments.tooluse import from_authors_row
 
-AUTHORS_COMMIT = "0e6d5106abe69f578c63bf38a9394e22905c8773"  # lasgroup/SDPO main, "Filter SciKnowEval to multiple-choice questions only (#20)"
+# lasgroup/SDPO main at the commit "Filter SciKnowEval to multiple-choice questions only (#20)"
+AUTHORS_COMMIT = "0e6d5106abe69f578c63bf38a9394e22905c8773"
 DEFAULT_SOURCE = f"https://raw.githubusercontent.com/lasgroup/SDPO/{AUTHORS_COMMIT}/datasets/tooluse"
 SPLITS = ("train", "test")
 

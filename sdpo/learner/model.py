@@ -180,7 +180,8 @@ def shard(model: torch.nn.Module, mesh: DeviceMesh, mixed_precision: str, *, no_
     parameters gathered, waiting for a backward that never comes, and the teacher would hold full
     copies of the embeddings between steps. ``offload`` keeps the shards in host memory; they are
     copied to the device per layer for the forward."""
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    bf16 = mixed_precision == "bf16"
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     placement = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
     layers = decoder_layers(model)
     for layer in layers:

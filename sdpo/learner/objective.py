@@ -13,10 +13,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from sdpo.config import LossConfig
 from sdpo.chunked_loss import chunked_divergence, chunked_logp_entropy, chunked_token_logprobs
-from sdpo.loss import (aggregate, divergence_per_token, off_policy_is_weights, ppo_clip_per_token, rollout_is_weights,
-                       rollout_is_weights_at, token_entropy, token_level_distillation, token_logprobs)
+from sdpo.config import LossConfig
+from sdpo.loss import (
+    aggregate,
+    divergence_per_token,
+    off_policy_is_weights,
+    ppo_clip_per_token,
+    rollout_is_weights,
+    rollout_is_weights_at,
+    token_entropy,
+    token_level_distillation,
+    token_logprobs,
+)
 
 
 @dataclass

@@ -11,8 +11,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -24,8 +29,8 @@ from sdpo.learner.single_rank import local_full_state
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.placement import rollout_torch_dtype
 from sdpo.weight_sync.broadcast import join_weight_group
-from sdpo.weight_sync.learner_side import iter_full_tensors, push_weights
 from sdpo.weight_sync.files import savable, write_weights
+from sdpo.weight_sync.learner_side import iter_full_tensors, push_weights
 
 _PER_STEP = {"loss", "sd_loss", "pg_loss"}  # metrics whose value per step is already a mean over its (mini-)batch
 
@@ -251,7 +256,8 @@ class LearnerWorker:
     def export_weights(self, directory: str, version: int, teacher: bool = False) -> str | None:
         """Full student (or teacher) weights as one file. Every rank joins the gather; rank 0 writes."""
         if teacher and self.teacher is None:
-            raise ValueError(f"teacher.kind={self.cfg.teacher.kind!r} with loss.objective={self.cfg.loss.objective!r} keeps no separate teacher weights")
+            raise ValueError(f"teacher.kind={self.cfg.teacher.kind!r} with loss.objective={self.cfg.loss.objective!r} "
+                             "keeps no separate teacher weights")
         model = self.teacher if teacher else self.student
         state = (local_full_state(model) if self.world_size == 1  # one rank: its shards are whole, nothing to gather
                  else get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, replace
 
+
 @dataclass(frozen=True)
 class Sampling:
     """How to sample one call's completions (the same for every prompt of the call)."""

@@ -14,9 +14,9 @@ tokenizer as that very class makes the saved and the re-loaded tokenizer the sam
 
 from __future__ import annotations
 
+from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
 
 from sdpo.chat import chat_ids  # noqa: F401  (re-exported: part of the tiny API)
-from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
 
 UNK, PAD, BOS_CHAT, EOS = "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [UNK, PAD, BOS_CHAT, EOS]  # ids 0..3; byte b has id 4 + b

