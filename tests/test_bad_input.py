@@ -597,7 +597,8 @@ def test_resume_with_other_data(tmp_path):
 ])
 def test_further_settings(override, expected):
     if expected is None:
-        assert_rejected(run_cli(QUICKSTART, override), "rollout.max_response_tokens=100000 leaves no room for a prompt")
+        assert_rejected(run_cli(QUICKSTART, override), "rollout.max_prompt_tokens + rollout.max_response_tokens = 101024 exceeds "
+                        "the model's max_position_embeddings=2048")
     else:
         assert_rejected(run_cli(QUICKSTART, override, "--dry-run"), expected)
 

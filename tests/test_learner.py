@@ -13,6 +13,7 @@ from sdpo.learner.group import LearnerGroup, balance
 from sdpo.learner.model import load_causal_lm, response_logits
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
 from sdpo.recipe import load_config
+from sdpo.rollout.base import Sampling
 from sdpo.rollout.hf_engine import HFEngine
 from sdpo.tiny.model import tiny_model_config
 
@@ -234,7 +235,7 @@ def test_rollout_is_weight_is_one_with_identical_weights_at_temperature(model_pa
     model.save_pretrained(peaked)
     engine = HFEngine(str(peaked), dtype="float32", device="cpu")
     prompts = [s.prompt_ids for s in make_batch(4)]
-    groups = engine.generate(prompts, n=3, temperature=0.7, top_p=1.0, max_new_tokens=6, stop_token_ids=[], seed=0)
+    groups = engine.generate(prompts, Sampling(n=3, temperature=0.7, top_p=1.0, max_new_tokens=6, stop_token_ids=(), seed=0))
     batch = [TrainSample(p, c.token_ids, c.logprobs, p, sd_mask=1) for p, g in zip(prompts, groups) for c in g]
     tempered, _, _ = one_step(str(peaked), tmp_path, 2, 3, "rollout.temperature=0.7", teacher=False, batch=batch)
     untempered, _, _ = one_step(str(peaked), tmp_path, 2, 3, "rollout.temperature=1.0", teacher=False, batch=batch)

@@ -343,7 +343,7 @@ CPU_OVERRIDES = [
     "environment.num_cpus_per_worker=0.1", "steps=2", "prompts_per_step=2", "rollout.samples_per_prompt=2",
     "rollout.max_response_tokens=16", "teacher_context.max_teacher_prompt_tokens=1536", "eval.max_tasks=2",
     "eval.samples_per_task=1", "eval.every_steps=0",
-    "optimizer.mini_batches_per_batch=2",  # LiveCodeBench's 32 mini-batches, scaled to 2 prompts a step
+    "optimizer.mini_batches_per_batch=2", "rollout.max_prompt_tokens=2032",  # LiveCodeBench's 32 mini-batches, scaled to 2 prompts a step
 ]
 
 

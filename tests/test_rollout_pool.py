@@ -252,7 +252,8 @@ class Recorder:
 
     def __getattr__(self, method):
         def call(*args, **kwargs):
-            self.log.append((self.name, method))
+            # LearnerGroup.call("x", ...) fans out method x: log it as x
+            self.log.append((self.name, args[0] if method == "call" else method))
             return ray.put(None)
 
         call.remote = call

@@ -211,7 +211,9 @@ class RolloutPool:
     def versions(self) -> list[int]:
         return ray.get([w.version.remote() for w in self.workers])
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Close every engine (so that nothing it made outlives it), then kill the actors regardless."""
+        ray.wait([w.close.remote() for w in self.workers], num_returns=len(self.workers), timeout=timeout_s)
         for w in self.workers:
             ray.kill(w)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -164,10 +165,17 @@ class VLLMEngine(RolloutEngine):
 
         if getattr(self, "llm", None) is None:
             return
+        # An out-of-process engine core's shared-memory queues (vllm/distributed/device_communicators/
+        # shm_broadcast.py) are unlinked only by their owner's __del__, which a stopped process never
+        # runs: note which ones this engine's processes map, and remove those left after shutdown.
+        queues = _shm_files_of(_descendants(os.getpid()) | {os.getpid()})
         self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         gc.collect()
         cleanup_dist_env_and_memory()
+        for path in queues:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
 
     # ---- weight loads: the engine may be asleep (colocated GPUs) --------------------------------
     # vLLM's documented order around a load into a sleeping engine: wake_up(tags=["weights"]), load,
@@ -243,3 +251,34 @@ class VLLMEngine(RolloutEngine):
         else:
             # cached KV blocks were computed with the old weights
             self.llm.reset_prefix_cache()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc: no psutil in the core dependencies)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, p in parents.items() if p == parent]
+        found.update(children)
+        frontier.extend(children)
+    return found
+
+
+def _shm_files_of(pids: set[int]) -> set[str]:
+    """The /dev/shm/psm_* files (Python shared_memory segments) that ``pids`` have mapped."""
+    files = set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                files.update(line.split()[-1] for line in f if "/dev/shm/psm_" in line)
+        except OSError:
+            continue
+    return files

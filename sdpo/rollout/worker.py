@@ -93,6 +93,11 @@ class _RolloutWorker:
     def pid(self) -> int:
         return os.getpid()
 
+    def close(self) -> None:
+        """Shut the engine down before the actor is killed: an out-of-process vLLM engine core
+        otherwise leaves its shared-memory queues (psm_* files) in /dev/shm."""
+        self._engine.close()
+
     def exit_now(self) -> None:
         """Die without cleanup, as a crashed process would (used to test replica replacement)."""
         os._exit(1)
