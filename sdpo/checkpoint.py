@@ -44,10 +44,6 @@ class Checkpoints:
         self.cfg = cfg
         self.root = run_dir / "checkpoints"
 
-    def due(self, step: int) -> bool:
-        every = self.cfg.checkpoint.every_steps
-        return step == self.cfg.steps or bool(every and step % every == 0)
-
     def latest(self) -> Path | None:
         """The newest complete checkpoint that verifies, or None. The ones skipped on the way are in
         ``self.skipped`` as (path, why) and are reported on stderr once."""

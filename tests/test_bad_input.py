@@ -261,7 +261,7 @@ def test_missing_teacher_checkpoint_names_teacher_path(tmp_path):
                     f"teacher.path={str(missing)!r}: no such directory")
 
 
-# --- second round (issue 15): the command line and YAML -----------------------------------------
+# --- the command line and YAML -----------------------------------------
 
 def test_flags_and_overrides_in_any_order():
     out = run_cli(QUICKSTART, "--dry-run", "loss.alpha=1.0")

@@ -1,4 +1,4 @@
-"""A user environment from outside the repository trains through the real loop (issue item 7)."""
+"""A user environment from outside the repository trains through the real loop."""
 
 import json
 import shutil

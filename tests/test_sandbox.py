@@ -1,4 +1,4 @@
-"""Escape attempts against the sandbox (issue item 5) and resource and reward attacks (issue 13).
+"""Escape attempts against the sandbox, and resource and reward attacks.
 Each program below tries one thing it must not be able to do; the test checks the run ended as a
 contained failure, that the machine shows no trace of it (no file written, no connection received,
 no process left, no memory or inodes beyond the limit, no reward), and that the next run works.
@@ -285,7 +285,7 @@ def test_rlimits_level_still_limits_and_reports():
     assert result.level == "rlimits" and result.signal in (signal.SIGXCPU, signal.SIGKILL), result
 
 
-# ---- issue 13: resources that rlimits do not count, and reward the judge must not give ----------------------
+# ---- resources that rlimits do not count, and reward the judge must not give ----------------------
 
 ROOTED = os.geteuid() == 0
 SYSTEM_PYTHON = "/usr/bin/python3"
