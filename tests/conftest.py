@@ -68,3 +68,21 @@ def learner_model_dir(tmp_path_factory) -> str:
     from sdpo.tiny.model import tiny_model_config
 
     return save_tiny_qwen2(tmp_path_factory.mktemp("model"), tiny_model_config(100))
+
+
+def kill_a_learner_once_checkpointed(run_dir, step: int, killed: list) -> None:
+    """Wait for checkpoint ``step`` of ``run_dir`` to commit, then SIGKILL one learner rank of this
+    test process's own run (the Ray processes it started), recording its pid in ``killed``.
+    Meant for a daemon thread beside ``train``."""
+    import time
+
+    import psutil
+
+    marker = run_dir / "checkpoints" / f"step_{step:06d}" / "COMPLETE"
+    while not marker.exists():
+        time.sleep(0.02)
+    for proc in psutil.Process().children(recursive=True):
+        if "LearnerWorker" in " ".join(proc.cmdline()):
+            proc.kill()
+            killed.append(proc.pid)
+            return

@@ -11,12 +11,12 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import kill_a_learner_once_checkpointed
 from sdpo.recipe import load_config
 from sdpo.trainer import train
 
@@ -90,19 +90,7 @@ def _initial_dir() -> str:
 def test_killed_learner_rank_is_replaced_from_the_checkpoint(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     killed = []
-
-    def kill_a_learner_after_first_checkpoint():
-        marker = run_dir / "checkpoints" / "step_000002" / "COMPLETE"
-        while not marker.exists():
-            time.sleep(0.02)
-        # Our own learners only: the Ray processes this test process started.
-        for proc in psutil.Process().children(recursive=True):
-            if "LearnerWorker" in " ".join(proc.cmdline()):
-                proc.kill()
-                killed.append(proc.pid)
-                return
-
-    killer = threading.Thread(target=kill_a_learner_after_first_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill_a_learner_once_checkpointed, args=(run_dir, 2, killed), daemon=True)
     killer.start()
     train(load_config("recipes/quickstart.yaml", [*SMALL, f"logging.run_dir={run_dir}"]))
     killer.join(timeout=5)

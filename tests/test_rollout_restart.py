@@ -6,11 +6,10 @@ Before the fix the next sync found the old group "ready" and the new rank 0 had 
 from __future__ import annotations
 
 import json
-import time
 
-import psutil
 import pytest
 
+from conftest import kill_a_learner_once_checkpointed
 from sdpo.recipe import load_config
 from sdpo.trainer import train
 
@@ -27,18 +26,7 @@ def test_learner_restart_with_broadcast_weight_sync(tmp_path):
 
     run_dir = tmp_path / "run"
     killed = []
-
-    def kill_a_learner_after_first_checkpoint():
-        marker = run_dir / "checkpoints" / "step_000002" / "COMPLETE"
-        while not marker.exists():
-            time.sleep(0.02)
-        for proc in psutil.Process().children(recursive=True):  # our own learners only
-            if "LearnerWorker" in " ".join(proc.cmdline()):
-                proc.kill()
-                killed.append(proc.pid)
-                return
-
-    killer = threading.Thread(target=kill_a_learner_after_first_checkpoint, daemon=True)
+    killer = threading.Thread(target=kill_a_learner_once_checkpointed, args=(run_dir, 2, killed), daemon=True)
     killer.start()
     train(load_config("recipes/quickstart.yaml", [*SMALL, f"logging.run_dir={run_dir}"]))
     killer.join(timeout=5)
