@@ -208,4 +208,5 @@ def test_rollout_worker_actor(local_ray, kind, engine_model_dir, tmp_path):
         scores = ray.get(worker.score.remote([PROMPTS[0]], [c.token_ids]))[0]
         assert max_diff(scores, reference_logprobs(new_model, PROMPTS[0], c.token_ids)) < TOL
     finally:
+        ray.get(worker.close.remote())  # an engine killed without closing leaves its files behind
         ray.kill(worker)

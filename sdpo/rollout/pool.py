@@ -47,6 +47,8 @@ class RolloutPool:
         self.workers = [self._start(i) for i in range(r.replicas)]
         kinds = ray.get([w.engine_kind.remote() for w in self.workers])  # also waits for every start-up
         self.engine_kind = kinds[0]
+        # removed by us when a replica's process is killed (its engine cannot clean up after itself then)
+        self.engine_files = ray.get([w.engine_files.remote() for w in self.workers])
 
     def _start(self, index: int):
         r, group, s = self.cfg.rollout, self.placement_group, self.settings
@@ -105,6 +107,7 @@ class RolloutPool:
         self.restarts += 1
         started = time.perf_counter()
         ray.kill(self.workers[index], no_restart=True)  # in case it hangs rather than died
+        self.engine_files[index].remove()
         if self.shares_gpu and self._export is not None:
             # vLLM starts only if gpu_memory_utilization x total memory is free (v1/worker/utils.py,
             # request_memory): the learner beside it returns its cached blocks first
@@ -121,6 +124,7 @@ class RolloutPool:
             ray.get(worker.load_weights.remote(path, self.version))
         else:
             ray.get(worker.engine_kind.remote())  # wait for start-up: it has the checkpoint's weights
+        self.engine_files[index] = ray.get(worker.engine_files.remote())
         self._group_learners = None  # a broadcast group that held the dead replica must be rebuilt
         print(f"[sdpo] rollout replica {index} died ({type(error).__name__}); replaced in "
               f"{time.perf_counter() - started:.1f} s with policy v{self.version} "
@@ -216,6 +220,8 @@ class RolloutPool:
         ray.wait([w.close.remote() for w in self.workers], num_returns=len(self.workers), timeout=timeout_s)
         for w in self.workers:
             ray.kill(w)
+        for files in self.engine_files:  # what a close that failed or timed out left
+            files.remove()
 
 
 def balance(prompts: list[list[int]], replicas: int, n: int, response_tokens: float) -> list[list[int]]:

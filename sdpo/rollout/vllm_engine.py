@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
+import tempfile
 import time
 
 import torch
 
 from sdpo.rollout.base import Completion, RolloutEngine, Sampling
+from sdpo.rollout.engine_files import EngineFiles, descendants, shm_files, shm_files_of, temp_dir_for_engine
 
 _EXTENSION = "sdpo.rollout.vllm_ext.WeightReloadExtension"
 _SEED_STRIDE = 1_000_003  # per-call seeds of consecutive `seed` values never share a request seed
@@ -40,6 +41,7 @@ class VLLMEngine(RolloutEngine):
         """Unset options take the device's defaults (sdpo/placement.py derives them from a recipe):
         on CPU an explicit KV cache of CPU_KV_CACHE_GIB, eager mode, whole-prompt prefill; on CUDA a
         cache filling gpu_memory_utilization, CUDA graphs and chunked prefill."""
+        shm_before = shm_files()  # before vLLM is imported: importing it can make a semaphore
         cpu = _on_cpu()
         # On CPU the engine core runs in this process by default: no extra processes, no OpenMP core
         # binding (which would reserve one of two cores for a scheduler process), and it lives
@@ -50,6 +52,8 @@ class VLLMEngine(RolloutEngine):
             in_process = cpu
         if in_process:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # vLLM torch.compiles its log-prob gather: keep inductor's cache with ours rather than in /tmp
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "sdpo", "torchinductor"))
         if kv_cache_gib is None and cpu:
             from sdpo.config import CPU_KV_CACHE_GIB
 
@@ -72,31 +76,36 @@ class VLLMEngine(RolloutEngine):
         # In-process nothing is bound, so give the caller back the real function.
         set_num_threads = torch.set_num_threads
         started = time.perf_counter()
+        self.files = EngineFiles(scratch_dir=tempfile.mkdtemp(prefix="sdpo-vllm-"))
         try:
-            self.llm = LLM(
-                model=model_path,
-                skip_tokenizer_init=True,  # we send token ids and read token ids
-                dtype=dtype,
-                seed=seed,
-                # prompt + response: a sequence reaching it ends with finish reason "length"
-                max_model_len=max_model_len,
-                enforce_eager=cpu if enforce_eager is None else enforce_eager,
-                **memory,
-                # log-probs of the distribution actually sampled from (after temperature / top_p);
-                # equal to the model's own at temperature 1, top_p 1. The default, raw_logprobs, would
-                # report untempered values for tokens drawn from a tempered distribution.
-                logprobs_mode="processed_logprobs",
-                # sampling defaults from the model's generation_config must not leak in
-                generation_config="vllm",
-                worker_extension_cls=_EXTENSION,
-                # On CPU a prompt prefilled in chunks makes vLLM rewind the request's seeded generator,
-                # which CPU generators cannot do ("CPU Generator does not use offset"): prefill whole
-                # prompts only. CUDA generators can, and chunked prefill keeps decode steps short.
-                enable_chunked_prefill=chunked_prefill,
-                **({} if chunked_prefill else {"max_num_batched_tokens": max(max_model_len, 8192)}),
-                # sleep()/wake_up() free GPU memory for a colocated learner; CUDA only (no-ops on CPU)
-                enable_sleep_mode=enable_sleep_mode and not cpu,
-            )
+            with temp_dir_for_engine(self.files.scratch_dir):
+                self.llm = LLM(
+                    model=model_path,
+                    skip_tokenizer_init=True,  # we send token ids and read token ids
+                    dtype=dtype,
+                    seed=seed,
+                    # prompt + response: a sequence reaching it ends with finish reason "length"
+                    max_model_len=max_model_len,
+                    enforce_eager=cpu if enforce_eager is None else enforce_eager,
+                    **memory,
+                    # log-probs of the distribution actually sampled from (after temperature / top_p);
+                    # equal to the model's own at temperature 1, top_p 1. The default, raw_logprobs, would
+                    # report untempered values for tokens drawn from a tempered distribution.
+                    logprobs_mode="processed_logprobs",
+                    # sampling defaults from the model's generation_config must not leak in
+                    generation_config="vllm",
+                    worker_extension_cls=_EXTENSION,
+                    # On CPU a prompt prefilled in chunks makes vLLM rewind the request's seeded generator,
+                    # which CPU generators cannot do ("CPU Generator does not use offset"): prefill whole
+                    # prompts only. CUDA generators can, and chunked prefill keeps decode steps short.
+                    enable_chunked_prefill=chunked_prefill,
+                    **({} if chunked_prefill else {"max_num_batched_tokens": max(max_model_len, 8192)}),
+                    # sleep()/wake_up() free GPU memory for a colocated learner; CUDA only (no-ops on CPU)
+                    enable_sleep_mode=enable_sleep_mode and not cpu,
+                )
+        except BaseException:
+            self.files.remove()
+            raise
         finally:
             torch.set_num_threads = set_num_threads
         self._asleep = False  # sleep() was called and the KV cache is not back yet
@@ -106,6 +115,14 @@ class VLLMEngine(RolloutEngine):
         # cores): pay it here, so that step times and throughput figures do not include it.
         self.generate([[0]], Sampling(n=1, temperature=1.0, top_p=1.0, max_new_tokens=1, stop_token_ids=(), seed=0))
         self.startup_s = time.perf_counter() - started
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0":  # an explicit setting beats in_process
+            # The queues between this process and the engine core below it, and the semaphores its
+            # start made (in process there are none). A queue is ours only if our processes map it;
+            # a semaphore is mapped by no one once made, so every new one counts (unlinking a
+            # semaphore that another engine holds open does not disturb it).
+            new = shm_files() - shm_before
+            ours = shm_files_of(descendants(os.getpid()) | {os.getpid()})
+            self.files.shm = sorted(path for path in new if path in ours or "/sem." in path)
 
     def generate(self, prompts, sampling: Sampling):
         self._ensure_awake()
@@ -165,17 +182,13 @@ class VLLMEngine(RolloutEngine):
 
         if getattr(self, "llm", None) is None:
             return
-        # An out-of-process engine core's shared-memory queues (vllm/distributed/device_communicators/
-        # shm_broadcast.py) are unlinked only by their owner's __del__, which a stopped process never
-        # runs: note which ones this engine's processes map, and remove those left after shutdown.
-        queues = _shm_files_of(_descendants(os.getpid()) | {os.getpid()})
+        # The shared-memory queues are unlinked only by their owner's __del__, which a stopped process
+        # never runs (vllm/distributed/device_communicators/shm_broadcast.py): engine_files.py.
         self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         gc.collect()
         cleanup_dist_env_and_memory()
-        for path in queues:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
+        self.files.remove()
 
     # ---- weight loads: the engine may be asleep (colocated GPUs) --------------------------------
     # vLLM's documented order around a load into a sleeping engine: wake_up(tags=["weights"]), load,
@@ -251,34 +264,3 @@ class VLLMEngine(RolloutEngine):
         else:
             # cached KV blocks were computed with the old weights
             self.llm.reset_prefix_cache()
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (from /proc: no psutil in the core dependencies)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = set(), [pid]
-    while frontier:
-        parent = frontier.pop()
-        children = [child for child, p in parents.items() if p == parent]
-        found.update(children)
-        frontier.extend(children)
-    return found
-
-
-def _shm_files_of(pids: set[int]) -> set[str]:
-    """The /dev/shm/psm_* files (Python shared_memory segments) that ``pids`` have mapped."""
-    files = set()
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                files.update(line.split()[-1] for line in f if "/dev/shm/psm_" in line)
-        except OSError:
-            continue
-    return files

@@ -19,6 +19,7 @@ import torch
 
 from sdpo.rollout import make_engine
 from sdpo.rollout.base import Completion, Sampling
+from sdpo.rollout.engine_files import EngineFiles
 
 
 class _RolloutWorker:
@@ -92,6 +93,10 @@ class _RolloutWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def engine_files(self) -> EngineFiles:
+        """What the engine leaves on this machine if its process is killed: the pool removes it then."""
+        return getattr(self._engine, "files", EngineFiles())
 
     def close(self) -> None:
         """Shut the engine down before the actor is killed: an out-of-process vLLM engine core
