@@ -9,6 +9,7 @@ samples, for the driver's teacher-prompt check), quit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -27,7 +28,9 @@ def overrides_for(plan: dict) -> list[str]:
     return [f"model.path={plan['model_path']}", f"seed={plan['seed']}", f"prompts_per_step={s['prompts']}",
             f"rollout.samples_per_prompt={s['samples']}", f"rollout.max_response_tokens={s['max_tokens']}",
             f"optimizer.lr={s['lr']}", "optimizer.warmup_steps=0", f"teacher.update_rate={s['ema']}",
-            f"teacher_context.success_threshold={s['success_threshold']}",
+            # threshold 0 (TRL's "every sample is a success"): our config requires > 0, so our side
+            # counts every verdict as reward 1 instead (step() below), the same successes either way
+            f"teacher_context.success_threshold={s['success_threshold'] or 1.0}",
             f"learner.samples_per_micro_batch={s['micro']}",
             # packed rows (one micro-batch per rank at these sizes), so that prompts are shared
             # (learner.share_prompts); `learner.max_tokens_per_micro_batch=null` gives padded ones
@@ -88,6 +91,8 @@ def main() -> None:
         with timer("verify"):
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
             flat = envs.verify([t for t in tasks for _ in range(n)], texts, group_size=n)
+            if not plan["size"]["success_threshold"]:
+                flat = [dataclasses.replace(v, reward=1.0) for v in flat]
             verdicts = [flat[i * n:(i + 1) * n] for i in range(len(tasks))]
         with timer("teacher_contexts"):
             batch, _ = build_batch(tasks, prompt_ids, groups, verdicts, tokenizer, cfg.teacher_context,
