@@ -262,6 +262,11 @@ class LearnerConfig(Section):
     # teacher's). Micro-batches are balanced over ranks. None: padded micro-batches of
     # samples_per_micro_batch. A single sample longer than the budget runs alone.
     max_tokens_per_micro_batch: int | None = Field(None, gt=0)
+    # Packed rows only (sdpa_packed attention, the CPU default): samples of a micro-batch with identical
+    # prompt ids share one copy of the prompt (a prompt's samples for the student, siblings shown the same
+    # demonstration for the teacher); the same loss and gradients to float rounding, fewer tokens per
+    # forward. Off, or under flash-attn: one copy per sample (sdpo/learner/micro_batches.py, shares_prompts).
+    share_prompts: bool = True
     mixed_precision: Literal["no", "bf16"] = "no"  # bf16 compute, fp32 master weights and reduction
     activation_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~1/3 more compute
     teacher_offload: bool = False  # keep the teacher's shards in host memory (FSDP2 CPU offload); GPU only

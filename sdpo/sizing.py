@@ -69,6 +69,11 @@ def fit_to_model(cfg: Config, model_path: str | None = None) -> tuple[Config, li
             reasons.append(f"learner.world_size={learner.world_size} (default kept): on CPU each rank is one core of "
                            f"compute at 1 thread, and the learner is compute-bound even at {params / 1e6:.2f}M "
                            "parameters; set learner.world_size to change it")
+    from sdpo.learner.micro_batches import shares_prompts
+
+    _, not_shared = shares_prompts(cfg)
+    if not_shared:
+        reasons.append(not_shared)
     if not chosen:
         return cfg, reasons
     # model_copy keeps model_fields_set; the chosen keys join it, so a second pass changes nothing.

@@ -23,14 +23,18 @@ def model_path(learner_model_dir):
     return learner_model_dir  # VOCAB ids
 
 
-def spread_batch(n: int, seed: int = 0) -> list[TrainSample]:
-    """Lengths that differ several-fold, as real rollouts do (a 4-40 token prompt, 1-30 token answer)."""
+def spread_batch(n: int, seed: int = 0, per_prompt: int = 1) -> list[TrainSample]:
+    """Lengths that differ several-fold, as real rollouts do (a 4-40 token prompt, 1-30 token answer).
+    ``per_prompt`` > 1: runs of that many samples share their prompt, and pairs of them their
+    teacher prompt (learner.share_prompts packs each once)."""
     rng = random.Random(seed)
     batch = []
     for i in range(n):
-        prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(4, 40))]
+        if i % per_prompt == 0:
+            prompt = [rng.randrange(VOCAB) for _ in range(rng.randint(4, 40))]
         response = [rng.randrange(VOCAB) for _ in range(rng.randint(1, 30))]
-        teacher = [rng.randrange(VOCAB) for _ in range(rng.randint(5, 25))] + prompt
+        if i % per_prompt % 2 == 0:
+            teacher = [rng.randrange(VOCAB) for _ in range(rng.randint(5, 25))] + prompt
         logps = [-rng.random() * 5 for _ in response]
         batch.append(TrainSample(prompt, response, logps, teacher, sd_mask=int(i % 4 != 0), advantage=float(i % 3) - 1))
     return batch
@@ -116,7 +120,8 @@ def one_step(model_path, tmp_path, *overrides):
     group = LearnerGroup(cfg, model_path)
     tag = abs(hash(overrides))
     try:
-        stats = group.train_step(spread_batch(16))
+        # 4 prompts x 4 samples: packed rows share each prompt once (the default learner.share_prompts)
+        stats = group.train_step(spread_batch(16, per_prompt=4))
         weights = load_file(group.export_weights(str(tmp_path / f"w{tag}"), 1))
         teacher = load_file(group.export_weights(str(tmp_path / f"t{tag}"), 1, teacher=True))
     finally:

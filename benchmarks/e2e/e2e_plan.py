@@ -19,13 +19,13 @@ import json
 # responses run to (near) the length limit.
 SIZES: dict[str, dict] = {
     "quickstart": dict(model="tiny-arithmetic", prompts=16, samples=8, max_tokens=8, lr=1e-4, ema=0.01,
-                       success_threshold=0.5, micro=64),
+                       success_threshold=0.5, micro=64, budget=8192),
     "20m": dict(model=dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8,
                            intermediate_size=1536), prompts=4, samples=4, max_tokens=128, lr=1e-5, ema=0.05,
-                success_threshold=0.0, micro=8),
+                success_threshold=0.0, micro=8, budget=8192),
     "100m": dict(model=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
                             intermediate_size=3072), prompts=2, samples=4, max_tokens=256, lr=1e-5, ema=0.05,
-                 success_threshold=0.0, micro=4),
+                 success_threshold=0.0, micro=4, budget=8192),
 }
 
 

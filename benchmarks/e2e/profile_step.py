@@ -40,10 +40,11 @@ def main() -> None:
     from sdpo.learner.group import LearnerGroup
     from sdpo.models import load_tokenizer, resolve_model_path, stop_token_ids
     from sdpo.recipe import load_config
+    from sdpo.rollout.base import Sampling
     from sdpo.rollout.pool import RolloutPool
-    from sdpo.rollout.weights import default_weights_dir
     from sdpo.sizing import fit_to_model
     from sdpo.trainer import PromptSampler
+    from sdpo.weight_sync.files import default_weights_dir
 
     cfg, sized = fit_to_model(load_config(a.recipe, a.overrides))  # as `python -m sdpo.run` does
     print("\n".join(sized))
@@ -76,9 +77,9 @@ def main() -> None:
             batch_tasks = sampler.next(cfg.prompts_per_step)
             prompt_ids = [chat_ids(tokenizer, x.messages) for x in batch_tasks]
             lap("generate/prompt_ids")
-            groups = rollout.generate(prompt_ids, n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+            groups = rollout.generate(prompt_ids, Sampling(n=n, temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
                                       max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stops,
-                                      seed=cfg.seed * 1_000_003 + step)
+                                      seed=cfg.seed * 1_000_003 + step))
             lap("generate/engine_call")
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
             lap("verify/decode")

@@ -9,6 +9,7 @@ samples, for the driver's teacher-prompt check), quit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -27,8 +28,13 @@ def overrides_for(plan: dict) -> list[str]:
     return [f"model.path={plan['model_path']}", f"seed={plan['seed']}", f"prompts_per_step={s['prompts']}",
             f"rollout.samples_per_prompt={s['samples']}", f"rollout.max_response_tokens={s['max_tokens']}",
             f"optimizer.lr={s['lr']}", "optimizer.warmup_steps=0", f"teacher.update_rate={s['ema']}",
-            f"teacher_context.success_threshold={s['success_threshold']}",
+            # threshold 0 (TRL's "every sample is a success"): our config requires > 0, so our side
+            # counts every verdict as reward 1 instead (step() below), the same successes either way
+            f"teacher_context.success_threshold={s['success_threshold'] or 1.0}",
             f"learner.samples_per_micro_batch={s['micro']}",
+            # packed rows (one micro-batch per rank at these sizes), so that prompts are shared
+            # (learner.share_prompts); `learner.max_tokens_per_micro_batch=null` gives padded ones
+            f"learner.max_tokens_per_micro_batch={s['budget']}",
             # TRL's trainer computes no rollout log-probs when it generates once per optimizer step,
             # so it applies no off-policy correction; neither do we here (the loss is then the same).
             "loss.rollout_is=false"]
@@ -51,9 +57,10 @@ def main() -> None:
     from sdpo.metrics import PhaseTimer
     from sdpo.models import load_tokenizer, stop_token_ids
     from sdpo.recipe import load_config
+    from sdpo.rollout.base import Sampling
     from sdpo.rollout.pool import RolloutPool
-    from sdpo.rollout.weights import default_weights_dir
     from sdpo.sizing import fit_to_model
+    from sdpo.weight_sync.files import default_weights_dir
 
     plan = load_plan(a.plan)
     cfg, sized = fit_to_model(load_config(None, overrides_for(plan) + json.loads(a.overrides)))
@@ -79,11 +86,13 @@ def main() -> None:
         timer, begin = PhaseTimer(), time.perf_counter()
         with timer("generate"):
             prompt_ids = [chat_ids(tokenizer, t.messages) for t in tasks]
-            groups = rollout.generate(prompt_ids, n=n, temperature=1.0, top_p=1.0, max_new_tokens=cfg.rollout.max_response_tokens,
-                                      stop_token_ids=stops, seed=cfg.seed * 1_000_003 + step_no)
+            groups = rollout.generate(prompt_ids, Sampling(n=n, temperature=1.0, top_p=1.0, max_new_tokens=cfg.rollout.max_response_tokens,
+                                      stop_token_ids=stops, seed=cfg.seed * 1_000_003 + step_no))
         with timer("verify"):
             texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for g in groups for c in g]
             flat = envs.verify([t for t in tasks for _ in range(n)], texts, group_size=n)
+            if not plan["size"]["success_threshold"]:
+                flat = [dataclasses.replace(v, reward=1.0) for v in flat]
             verdicts = [flat[i * n:(i + 1) * n] for i in range(len(tasks))]
         with timer("teacher_contexts"):
             batch, _ = build_batch(tasks, prompt_ids, groups, verdicts, tokenizer, cfg.teacher_context,
@@ -102,8 +111,8 @@ def main() -> None:
 
     def evaluate() -> dict:
         tasks = [by_id[i] for i in plan["eval"]]
-        groups = rollout.generate([chat_ids(tokenizer, t.messages) for t in tasks], n=1, temperature=1.0, top_p=1.0,
-                                  max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stops, seed=10_000_019 + cfg.seed)
+        groups = rollout.generate([chat_ids(tokenizer, t.messages) for t in tasks], Sampling(n=1, temperature=1.0, top_p=1.0,
+                                  max_new_tokens=cfg.rollout.max_response_tokens, stop_token_ids=stops, seed=10_000_019 + cfg.seed))
         texts = [tokenizer.decode(g[0].token_ids, skip_special_tokens=True) for g in groups]
         verdicts = envs.verify(tasks, texts, group_size=1)
         return {"success_t1": sum(v.reward >= 0.5 for v in verdicts) / len(verdicts)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -53,8 +54,9 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(plan["model_path"])
     batch = s["prompts"] * s["samples"]
+    output_dir = tempfile.mkdtemp(prefix="trl-e2e-")  # removed at quit (save_strategy="no" writes nothing of ours)
     args = SDPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="trl-e2e-"), report_to=[], seed=plan["seed"], use_cpu=True,
+        output_dir=output_dir, report_to=[], seed=plan["seed"], use_cpu=True,
         logging_steps=10**9, save_strategy="no", max_steps=len(plan["steps"]), shuffle_dataset=False,
         per_device_train_batch_size=s["micro"], gradient_accumulation_steps=batch // s["micro"],
         num_generations=s["samples"], max_completion_length=s["max_tokens"], temperature=1.0, top_p=1.0, top_k=0,
@@ -153,6 +155,7 @@ def main() -> None:
                 elif command.startswith("check "):
                     reply(check(command.split(" ", 1)[1]))
                 elif command == "quit":
+                    shutil.rmtree(output_dir, ignore_errors=True)
                     sys.stdout.flush()
                     os._exit(0)  # the trainer would otherwise go on to its next step
             phases.clear()

@@ -213,10 +213,11 @@ def _response_rows(per_position: torch.Tensor, prompts: list[list[int]], respons
 
 
 def response_logits(model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], device: torch.device,
-                    packed: bool = False) -> torch.Tensor:
-    """Logits that predict each response token, for a micro-batch: (sum of response lengths, V)."""
+                    packed: bool = False, share_prompts: bool = False) -> torch.Tensor:
+    """Logits that predict each response token, for a micro-batch: (sum of response lengths, V).
+    ``share_prompts`` (packed rows, sdpa_packed attention): identical prompts go through once."""
     if packed:
-        row = pack(prompts, responses, device)
+        row = pack(prompts, responses, device, share_prompts)
         # Only the response positions go through the LM head: the (long) teacher prompt gets no logits.
         return model(**row.forward_kwargs(), logits_to_keep=row.response_rows).logits[0]
     input_ids, attention_mask = _padded_batch(prompts, responses, device)
@@ -228,7 +229,7 @@ def response_logits(model: torch.nn.Module, prompts: list[list[int]], responses:
 
 
 def response_hidden(model: torch.nn.Module, prompts: list[list[int]], responses: list[list[int]], device: torch.device,
-                    packed: bool = False) -> torch.Tensor:
+                    packed: bool = False, share_prompts: bool = False) -> torch.Tensor:
     """The final hidden states (after the last norm) that predict each response token: (N, H).
 
     Runs the whole model through its root forward, so FSDP gathers and frees parameters as usual,
@@ -238,7 +239,7 @@ def response_hidden(model: torch.nn.Module, prompts: list[list[int]], responses:
     hook = model.get_decoder().register_forward_hook(lambda _m, _i, out: captured.append(out.last_hidden_state))
     try:
         if packed:
-            row = pack(prompts, responses, device)
+            row = pack(prompts, responses, device, share_prompts)
             model(**row.forward_kwargs(), logits_to_keep=1)
         else:
             input_ids, attention_mask = _padded_batch(prompts, responses, device)

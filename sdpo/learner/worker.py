@@ -23,8 +23,10 @@ from torch.distributed.tensor import DTensor
 
 from sdpo.batch import TrainSample
 from sdpo.config import Config
+from sdpo.learner.micro_batches import shares_prompts
 from sdpo.learner.model import lm_head_weight, load_sharded, pick_attention, response_hidden, response_logits
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
+from sdpo.learner.packing import PACKED_SDPA
 from sdpo.learner.single_rank import local_full_state
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.placement import rollout_torch_dtype
@@ -63,6 +65,8 @@ class LearnerWorker:
         self.packed = learner.max_tokens_per_micro_batch is not None
         attention = pick_attention(self.cfg.model.attn_implementation, self.cfg.device, packed=self.packed,
                                    mixed_precision=learner.mixed_precision)
+        # as the driver planned it (its budget counted shared prompts once); only sdpa_packed implements it
+        self.share_prompts = shares_prompts(self.cfg)[0] and attention == PACKED_SDPA
         # sharded from the start (meta device, then each rank's rows from safetensors): no rank holds a full copy
         self.student = load_sharded(self.model_path, attention, mesh, learner.mixed_precision, self.device,
                                     checkpointing=learner.activation_checkpointing)
@@ -95,9 +99,9 @@ class LearnerWorker:
         teacher alike (the authors' code and TRL do the same)."""
         chunk = self.cfg.loss.chunk_tokens
         if not chunk:
-            scores = Scores(logits=response_logits(model, prompts, responses, self.device, self.packed))
+            scores = Scores(logits=response_logits(model, prompts, responses, self.device, self.packed, self.share_prompts))
         else:
-            hidden = response_hidden(model, prompts, responses, self.device, self.packed)
+            hidden = response_hidden(model, prompts, responses, self.device, self.packed, self.share_prompts)
             scores = Scores(hidden=hidden, weight=lm_head_weight(model, hidden.dtype), chunk_tokens=chunk)
         return select_rows(scores, keep).tempered(self.cfg.rollout.temperature)
 
