@@ -6,7 +6,7 @@ rollout IS weights, read from each run's metrics.jsonl.
 
 With several seeds of one K, a second table gives each K's means over its seeds.
 
-The runs themselves are plain `python -m sdpo.run recipes/quickstart.yaml seed=S rollout.max_staleness=K
+The runs themselves are plain `python -m sdpo.run recipes/quickstart.yaml seed=S steps=200 rollout.max_staleness=K
 logging.run_dir=...`, one at a time (benchmarks/RESULTS.md gives the commands).
 """
 
