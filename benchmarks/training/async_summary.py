@@ -4,7 +4,9 @@ rollout IS weights, read from each run's metrics.jsonl.
 
     python benchmarks/training/async_summary.py benchmarks/results/async/k0-seed0 benchmarks/results/async/k1-seed0 ...
 
-The runs themselves are plain `python -m sdpo.run recipes/quickstart.yaml seed=S rollout.max_staleness=K
+With several seeds of one K, a second table gives each K's means over its seeds.
+
+The runs themselves are plain `python -m sdpo.run recipes/quickstart.yaml seed=S steps=200 rollout.max_staleness=K
 logging.run_dir=...`, one at a time (benchmarks/RESULTS.md gives the commands).
 """
 
@@ -53,6 +55,30 @@ def main(paths: list[str]) -> None:
         print(f"| {r['run']} | {r['k']} | {r['step_s']:.2f} | {r['total_s']:.0f} | {phases} | {curve} | "
               f"{greedy:.3f} | {stale} (max {r['staleness_max']:.0f}) | {r['is_weight_mean']:.4f} ({r['is_weight_min']:.4f}) | "
               f"{r['logp_gap']:.1e} |")
+    means(runs)
+
+
+def means(runs: list[dict]) -> None:
+    """Per K, over its seeds: the final held-out success at equal steps and the seconds it took. Only
+    evaluation steps every run of that K has are averaged, so a shorter run does not skew the curve."""
+    by_k: dict[int, list[dict]] = {}
+    for r in runs:
+        by_k.setdefault(r["k"], []).append(r)
+    if all(len(group) < 2 for group in by_k.values()):
+        return
+    print()
+    print("| K | seeds | held-out T=1 by step (mean) | final T=1 mean (min - max) | greedy final mean (min - max) | "
+          "median step s (mean) | total s (mean) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for k, group in sorted(by_k.items()):
+        steps = sorted(set.intersection(*(set(r["success_t"]) for r in group)))
+        curve = " ".join(f"{s}:{statistics.mean(r['success_t'][s] for r in group):.3f}" for s in steps)
+        final = [r["success_t"][steps[-1]] for r in group]
+        greedy = [list(r["success_greedy"].values())[-1] for r in group]
+        seeds = ", ".join(str(r["seed"]) for r in group)
+        print(f"| {k} | {seeds} | {curve} | {statistics.mean(final):.3f} ({min(final):.3f} - {max(final):.3f}) | "
+              f"{statistics.mean(greedy):.3f} ({min(greedy):.3f} - {max(greedy):.3f}) | "
+              f"{statistics.mean(r['step_s'] for r in group):.2f} | {statistics.mean(r['total_s'] for r in group):.0f} |")
 
 
 if __name__ == "__main__":
