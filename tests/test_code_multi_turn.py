@@ -62,3 +62,13 @@ def test_the_hidden_tests_decide_the_reward():
     ep = episode("```python\na, b = map(int, input().split())\nprint(a + b if a < 100 else 0)\n```")
     assert ep.verdict.reward == 0.0 and ep.verdict.info == {"passed": 2, "tests": 3}
     assert ep.verdict.feedback == "Wrong Answer\nInput:\n1000000000 1000000000\nOutput:\n0\nExpected:\n2000000000"
+
+
+def test_the_gpu_recipe_loads_and_builds_its_environment_on_the_sample():
+    from environments import is_multi_turn, load_environment
+    from sdpo.recipe import load_config
+
+    cfg = load_config("recipes/code_tools_qwen3.yaml", ["environment.kwargs.dataset=sample"])
+    env = load_environment(cfg.environment.name, cfg.environment.kwargs)
+    assert is_multi_turn(env) and cfg.model.path.startswith("Qwen/Qwen3-")
+    assert env.tasks("train")[0].messages[-1]["content"].endswith(TOOL_INSTRUCTIONS)
