@@ -7,12 +7,15 @@ observation. It stops as soon as held-out success of real episodes (sdpo/episode
 sampling every turn at temperature 1, as the trainer will) reaches ``TARGET_SUCCESS``: a model that
 calls the tool on nearly every task, well-formed, and gets some of them right, so RL has signal.
 
-A quarter of each batch is in the SDPO teacher's format: the same episode after the teacher prompt
-with a correct episode shown (``teacher_context.episode_demonstration: episode``, as
-recipes/tools_cpu.yaml sets it), whose call repeats the question's numbers. Without them the teacher
-prompt, three times longer than any the model saw, broke it (0.00 well-formed calls with a
-demonstration against 0.95 without). ``with_demonstration_success_t1`` in the build's metrics
-measures the teacher's view the same way as the student's.
+Measured (seed 0, 2 shared cores): 450 steps, 167 s; held-out at T=1 well-formed calls 0.95, success
+0.45 (greedy: 1.00 / 0.55). Not yet solved: the SDPO teacher's view. Nothing here trains the teacher's
+format, and after the teacher prompt with a correct episode shown
+(``teacher_context.episode_demonstration: episode``) the model makes no well-formed call at all
+(0.00, ``with_demonstration_*`` in the build's metrics): that prompt is three times longer than any
+it saw. A quarter of each batch in the teacher's format from step 0 did not fix it: the plain
+episodes' copying never formed (held-out success 0.00 at step 710, loss stuck at 0.19). What is
+left to try: the teacher's format only after plain copying works, as tiny_arithmetic.py phases it.
+Until then SDPO on this model has a teacher worse than its student; GRPO does not need one.
 
     python -m models.tiny_calculator [--cache-dir DIR] [--force]
 """
@@ -35,12 +38,11 @@ from sdpo.tiny.cache import cli, ensure_built
 from sdpo.tiny.model import tiny_model_config
 from sdpo.tiny.tokenizer import build_tokenizer
 
-MODEL_NAME = "tiny-calculator-v3"
+MODEL_NAME = "tiny-calculator-v2"
 SEED = 0
 LR = 3e-3  # digits leave chance (14%) at ~200 steps and reach 85% teacher-forced by 400 (seed 0)
 BATCH = 32
-TEACHER_FORMAT_PER_BATCH = 8  # of BATCH: episodes after the teacher prompt with a correct episode shown
-EVAL_EVERY = 10  # success can jump 0.09 -> 0.45 within 25 steps
+EVAL_EVERY = 25  # success jumped 0.09 -> 0.45 within 25 steps (seed 0): the stop overshoots the target
 EVAL_TASKS = 64
 TARGET_SUCCESS = 0.25
 MAX_STEPS = 1200
@@ -145,10 +147,9 @@ def _train(seed: int, max_steps: int, log):
     gen = torch.Generator().manual_seed(seed)
     history, student, step = [], {"success": 0.0, "calls": 0.0}, 0
     while step < max_steps:
-        picks = [train[i] for i in torch.randint(len(train), (BATCH,), generator=gen).tolist()]
-        plain = _loss_sum(model, *_batch(tok, picks[TEACHER_FORMAT_PER_BATCH:]))
-        teacher = _loss_sum(model, *_batch(tok, picks[:TEACHER_FORMAT_PER_BATCH], teacher=True))
-        loss = (plain[0] + teacher[0]) / (plain[1] + teacher[1])
+        picks = torch.randint(len(train), (BATCH,), generator=gen).tolist()
+        loss_sum, tokens = _loss_sum(model, *_batch(tok, [train[i] for i in picks]))
+        loss = loss_sum / tokens
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -171,8 +172,7 @@ def _train(seed: int, max_steps: int, log):
                "heldout_calls_t1": student["calls"], "with_demonstration_success_t1": teacher["success"],
                "with_demonstration_calls_t1": teacher["calls"], "heldout_success_greedy": greedy["success"],
                "heldout_calls_greedy": greedy["calls"], "eval_tasks": EVAL_TASKS, "history": history,
-               "recipe": {"lr": LR, "batch": BATCH, "teacher_format_per_batch": TEACHER_FORMAT_PER_BATCH,
-                          "target_success": TARGET_SUCCESS, "max_steps": max_steps},
+               "recipe": {"lr": LR, "batch": BATCH, "target_success": TARGET_SUCCESS, "max_steps": max_steps},
                "torch_version": torch.__version__, "seconds": round(time.perf_counter() - start, 1)}
     return model, tok, metrics
 
