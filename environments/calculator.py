@@ -3,10 +3,17 @@
 The tiny model cannot add two 4-digit numbers by itself; it can copy them into a call of the
 ``add`` tool, read the result from the tool's answer and copy it into its final answer. A multi-turn
 environment in a few lines (environments/multi_turn.py): the tools, ``call_tool`` and ``verify``.
+
+The question states the numbers as the call's arguments, ``{"a": 4821, "b": 9377}``: a character-level
+model then copies them into its call by matching what precedes each digit (an induction head), which
+a 2-layer model learns within a few hundred steps. Written ``4821+9377`` they must be copied from a
+fixed distance back, and the tiny model's digits stayed at chance (14%) for 300 steps
+(models/README.md).
 """
 
 from __future__ import annotations
 
+import json
 import random
 
 from environments.answers import strip_thinking
@@ -25,6 +32,10 @@ def split_pairs(split: str) -> list[tuple[int, int]]:
     return pairs[: SPLIT_SIZES["test"]] if split == "test" else pairs[SPLIT_SIZES["test"]:]
 
 
+def question(a: int, b: int) -> str:
+    return json.dumps({"a": a, "b": b})
+
+
 class Calculator(MultiTurnEnvironment):
     tools = [function_tool("add", "Add two integers", a="integer", b="integer")]
 
@@ -32,7 +43,7 @@ class Calculator(MultiTurnEnvironment):
         self.limit_per_split = limit_per_split
 
     def tasks(self, split: str) -> list[Task]:
-        return [Task(f"{split}-{a}+{b}", [{"role": "user", "content": f"{a}+{b}"}], {"answer": str(a + b)})
+        return [Task(f"{split}-{a}+{b}", [{"role": "user", "content": question(a, b)}], {"answer": str(a + b)})
                 for a, b in split_pairs(split)[: self.limit_per_split]]
 
     def call_tool(self, state, name: str, arguments: dict) -> str:

@@ -7,4 +7,5 @@ environment (it is trained on that environment's tasks); ``sdpo/`` may not.
 
     tiny_arithmetic.py   tiny-arithmetic: a 0.59M-parameter Qwen2 warm-started on 2-digit addition
     tiny_pairsums.py     tiny-pairsums: a 0.17M-parameter Qwen2 taught to read the pair_sums feedback
+    tiny_calculator.py   tiny-calculator: a 0.59M-parameter Qwen2 that calls the calculator's add tool
 """

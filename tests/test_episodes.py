@@ -298,13 +298,16 @@ def test_final_answer_demonstrations_and_feedback_only_without_solution(tok):
 # ---------------------------------------------------------------- the built-in tool task and the README's example
 
 def test_calculator_task_through_an_episode_and_the_warm_starts_call_format(tok):
+    import json
+
     from environments.calculator import Calculator
-    from models.tiny_calculator import _episode
+    from models.tiny_calculator import _episode, demonstration
     from models.tiny_calculator import call_text as warm_call
 
     env = Calculator(limit_per_split=2)
     task = env.tasks("test")[0]
-    a, b = map(int, task.messages[0]["content"].split("+"))
+    numbers = json.loads(task.messages[0]["content"])  # the question states the call's arguments
+    a, b = numbers["a"], numbers["b"]
     # the warm start writes calls exactly as the chat template renders them
     rendered = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": "", "tool_calls": [
         {"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": b}}}]}], tokenize=False)
@@ -313,6 +316,7 @@ def test_calculator_task_through_an_episode_and_the_warm_starts_call_format(tok)
     assert ep.verdict.reward == 1.0
     ids, mask = _episode(tok, a, b)  # what the warm start trains on is what an episode holds
     assert (ids, mask) == (ep.token_ids, ep.loss_mask)
+    assert demonstration_text(ep, "episode") == demonstration(a, b)  # and the teacher's view it measures
     [[wrong]] = run_episodes(Script(tok, ["12"]), tok, env, [task], sampling(tok), limits())
     assert wrong.verdict.reward == 0.0 and "add tool" in wrong.verdict.feedback
     [[broken]] = run_episodes(Script(tok, ['<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>']), tok, env,
