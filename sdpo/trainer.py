@@ -335,7 +335,9 @@ class Run:
 
     def finish(self, after: dict[str, float]) -> dict:
         """The final model folder and the before/after summary of a run that completed."""
-        if self.cfg.checkpoint.export_hf:
+        if self.cfg.model.lora.enabled:  # the adapters as a PEFT folder (on model.path as base), always
+            self.learners.call("export_adapter", str(self.run_dir / "final_adapter"))
+        if self.cfg.checkpoint.export_hf:  # LoRA: the adapters merged into the base
             export_hf(self.learners, self.model_path, self.run_dir / "final_model")
         before = self.before
         self.log.say("held-out success  " + "  ".join(f"{k.split('/')[1]}: {before[k]:.3f} -> {after[k]:.3f}" for k in before))
