@@ -126,6 +126,11 @@ class LoraConfig(Section):
     # default is every projection of a Llama/Qwen-style decoder layer.
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
+    # What reaches the rollout engines after each step. "adapter": the adapters only (a few MB), which
+    # the engines apply themselves (vLLM's LoRA support, the HF engine through PEFT); needs
+    # rollout.max_staleness=0. "merged": base + adapters merged into full weights, sent by
+    # rollout.weight_sync like a fully trained model (any engine, any transport).
+    weight_sync: Literal["adapter", "merged"] = "merged"
 
     @field_validator("target_modules")
     @classmethod
@@ -390,6 +395,7 @@ class Config(Section):
         self._check_mini_batches()
         self._check_teacher_guard()
         self._check_async()
+        self._check_lora()
         if loss.objective != "sdpo" and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"loss.objective={loss.objective} compares samples within a group: "
                              "rollout.samples_per_prompt must be >= 2")
@@ -441,6 +447,13 @@ class Config(Section):
         if (samples // k) % ranks:
             raise ValueError(f"each of the optimizer.mini_batches_per_batch={k} mini-batches holds {samples // k} samples, "
                              f"which must be divisible by learner.world_size = {ranks}")
+
+    def _check_lora(self) -> None:
+        lora = self.model.lora
+        if lora.enabled and lora.weight_sync == "adapter" and self.rollout.max_staleness:
+            raise ValueError(f"model.lora.weight_sync=adapter with rollout.max_staleness={self.rollout.max_staleness}: "
+                             "asynchronous rollouts pick up weight files between batches, which adapter-only sync does "
+                             "not write; use model.lora.weight_sync=merged, or max_staleness=0")
 
     def _check_async(self) -> None:
         loss, k = self.loss, self.rollout.max_staleness

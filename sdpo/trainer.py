@@ -265,6 +265,9 @@ class Run:
     def serve_weights(self, step: int, teacher: bool = False) -> None:
         """The engines answer with the teacher's weights (or the student's again), through a file."""
         directory = self.weights_dir + ("-teacher" if teacher else "")
+        if self.rollout.adapters:  # LoRA adapter-only sync: the teacher's (or student's) adapters on the same base
+            self.rollout.load_adapter(self.learners.call("adapter_payload", teacher)[0], step, directory)
+            return
         self.rollout.load_weights(self.learners.export_weights(directory, step, teacher=teacher), version=step)
 
     def evaluate(self, step: int) -> dict[str, float]:

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from sdpo.learner.group import LearnerGroup
 from sdpo.recipe import load_config
+from sdpo.rollout import make_engine, vllm_available
 
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
@@ -88,3 +89,24 @@ def test_adapter_checkpoint_resumes_exactly_and_exports_load(learner_model_dir, 
         for model in (peft, plain):
             torch.testing.assert_close(response_logits(model, PROMPTS, RESPONSES, torch.device("cpu")), expected[0],
                                        rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", [pytest.param("vllm", marks=pytest.mark.skipif(not vllm_available(), reason="no vllm here")), "hf"])
+def test_adapter_only_sync_gives_the_engine_the_learners_log_probs(learner_model_dir, tmp_path, kind):
+    """The engine keeps its base weights and applies the adapters it is sent; after each of two syncs
+    its log-probs are the learner's."""
+    from sdpo.weight_sync.adapters import write_adapter_folder
+
+    group = group_of(learner_model_dir, 1)
+    engine = make_engine(kind, learner_model_dir, dtype="float32", kv_cache_gib=0.25, lora_rank=4)
+    try:
+        for version in (1, 2):
+            group.train_step(make_batch(12)[:: 3 - 2 * version])
+            path = write_adapter_folder(group.call("adapter_payload")[0], str(tmp_path / f"v{version}"))
+            engine.load_adapter(path, version)
+            expected = torch.log_softmax(logits(group), -1).gather(1, torch.tensor(sum(RESPONSES, []))[:, None])[:, 0]
+            got = torch.tensor(sum(engine.score(PROMPTS, RESPONSES), []))
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    finally:
+        engine.close()
+        group.shutdown()

@@ -14,20 +14,15 @@ the base names gain ``.base_layer``: ``...q_proj.base_layer.weight``, ``...q_pro
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 
-ADAPTER = "default"  # PEFT's adapter name; the saved format drops it
+from sdpo.weight_sync.adapters import ADAPTER, is_adapter
+
 _WRAPPED = "_checkpoint_wrapped_module."  # activation checkpointing's prefix in parameter names
-
-
-def is_adapter(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
 
 
 def hf_name(name: str) -> str:
@@ -120,23 +115,6 @@ def merged_full_tensors(model: torch.nn.Module, scale: float, skip_tied: bool = 
 def adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The adapters, full (a collective), under PEFT's saved names."""
     return {peft_name(name): _gather(tensor) for name, tensor in model.state_dict().items() if is_adapter(name)}
-
-
-def write_adapter_folder(state: dict[str, torch.Tensor], lora, base_model: str, directory: str) -> None:
-    """A PEFT adapter folder (adapter_config.json + adapter_model.safetensors): PeftModel.from_pretrained
-    and vLLM's LoRARequest load it."""
-    from peft import LoraConfig
-    from safetensors.torch import save_file
-
-    from sdpo.weight_sync.files import savable
-
-    os.makedirs(directory, exist_ok=True)
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-                        bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model)
-    # written by hand, not config.save_pretrained: that also reads the base model's config from the hub
-    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
-        json.dump(config.to_dict() | {"target_modules": sorted(lora.target_modules)}, f, indent=2, default=str)
-    save_file(savable(state), os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 class TeacherAdapters:

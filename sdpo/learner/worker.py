@@ -24,12 +24,13 @@ from torch.distributed.tensor import DTensor
 
 from sdpo.batch import TrainSample
 from sdpo.config import Config
-from sdpo.learner.lora import TeacherAdapters, adapter_state, merged_full_tensors, write_adapter_folder
+from sdpo.learner.lora import TeacherAdapters, adapter_state, merged_full_tensors
 from sdpo.learner.model import lm_head_weight, load_sharded, pick_attention, response_hidden, response_logits
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
 from sdpo.learner.single_rank import local_full_state
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.placement import rollout_torch_dtype
+from sdpo.weight_sync.adapters import adapter_payload, write_adapter_folder
 from sdpo.weight_sync.broadcast import join_weight_group
 from sdpo.weight_sync.files import savable, write_weights
 from sdpo.weight_sync.learner_side import iter_full_tensors, push_weights
@@ -343,11 +344,20 @@ class LearnerWorker:
 
     def export_adapter(self, directory: str, teacher: bool = False) -> None:
         """LoRA: the policy's (or teacher's) adapters as a PEFT folder in ``directory`` (rank 0 writes)."""
+        payload = self.adapter_payload(teacher, dtype=torch.float32)
+        if self.rank == 0:
+            write_adapter_folder(payload, directory)
+        dist.barrier()
+
+    def adapter_payload(self, teacher: bool = False, dtype: torch.dtype | None = None) -> dict | None:
+        """LoRA: the policy's (or teacher's) adapters as a PEFT folder's files, in the engines' dtype
+        unless ``dtype``; rank 0 returns them (every rank joins the gather)."""
         with self._as_teacher(teacher):
             state = adapter_state(self.student)
-        if self.rank == 0:
-            write_adapter_folder(state, self.lora, self.model_path, directory)
-        dist.barrier()
+        if self.rank != 0:
+            return None
+        dtype = dtype or rollout_torch_dtype(self.cfg)
+        return adapter_payload({k: v.to(dtype) for k, v in state.items()}, self.lora, self.model_path)
 
     def release_memory(self) -> None:
         """Give the blocks this rank's CUDA caching allocator holds back to the driver, for a
