@@ -306,7 +306,7 @@ class LearnerWorker:
         if self.lora is not None and (not teacher or self.teacher_adapters is not None):
             # LoRA, full-merge path: base + adapters merged, for engines that load plain weights
             with self._as_teacher(teacher):
-                state = {name: t.cpu() for name, t in self._merged(skip_tied=False)}
+                state = self._merged_state()
         else:
             model = self.teacher if teacher else self.student
             state = (local_full_state(model) if self.world_size == 1  # one rank: its shards are whole, nothing to gather
@@ -332,6 +332,15 @@ class LearnerWorker:
 
     def _merged(self, skip_tied: bool):
         return merged_full_tensors(self.student, self.lora.alpha / self.lora.rank, skip_tied=skip_tied)
+
+    def _merged_state(self) -> dict[str, torch.Tensor] | None:
+        """LoRA: the merged full state on rank 0 (host memory); the other ranks join each gather and keep nothing."""
+        merged = self._merged(skip_tied=False)
+        if self.rank == 0:
+            return {name: t.cpu() for name, t in merged}
+        for _ in merged:
+            pass
+        return None
 
     def _as_teacher(self, teacher: bool):
         """LoRA: the student's modules computing as the teacher (its adapters swapped in) when ``teacher``."""
@@ -404,7 +413,7 @@ class LearnerWorker:
         """The student's full weights as ``model.safetensors`` in ``directory`` (rank 0 writes); LoRA:
         the adapters merged into the base."""
         if self.lora is not None:
-            state = {name: t.cpu() for name, t in self._merged(skip_tied=False)}
+            state = self._merged_state()
         else:
             state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
