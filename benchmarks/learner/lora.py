@@ -27,7 +27,9 @@ sys.path[:0] = [HERE, os.path.join(HERE, "..", "..")]
 from harness import build_model  # noqa: E402
 from workload import SHAPES, make_batch, save_batch  # noqa: E402
 
-VARIANTS = {"full": [], "lora-r16": ["model.lora.enabled=true", "model.lora.rank=16", "model.lora.alpha=32"]}
+LORA = ["model.lora.enabled=true", "model.lora.rank=16", "model.lora.alpha=32"]
+LEAN = ["loss.chunk_tokens=256", "learner.activation_checkpointing=true"]  # activations small: model state shows
+VARIANTS = {"full": [], "lora-r16": LORA, "full-lean": LEAN, "lora-r16-lean": LORA + LEAN}
 
 
 def _status_mib(field: str) -> float:
@@ -97,6 +99,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variants", default="full,lora-r16")
     p.add_argument("--out", default=None)
     p.add_argument("--child", default=None)
     p.add_argument("--model", default=None)
@@ -110,7 +113,7 @@ def main() -> None:
     save_batch(batch_path, make_batch(a.samples, SHAPES[a.shape]["vocab_size"], prompt_tokens=(30, 80),
                                       response_tokens=(64, 256), demo_tokens=(16, 128)))
     rows = []
-    for variant in VARIANTS:
+    for variant in a.variants.split(","):
         out = subprocess.run([sys.executable, __file__, "--child", variant, "--model", model, "--batch", batch_path,
                               "--steps", str(a.steps), "--threads", str(a.threads)], capture_output=True, text=True)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
