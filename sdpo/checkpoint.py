@@ -2,6 +2,7 @@
 
     RUN_DIR/checkpoints/step_000040/
         learner/           torch.distributed.checkpoint shards: student, optimizer, EMA teacher
+                           (model.lora: the adapters, their optimizer state, the teacher's adapters)
         rank0.pt ...       per-rank scheduler and RNG states
         driver.pt          step, prompt sampler, RNG, the held-out success before training
         config.yaml        the run's config: a resume checks its own against it

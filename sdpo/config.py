@@ -114,6 +114,38 @@ class LossConfig(Section):
     pg_weight: float = Field(1.0, ge=0.0)  # hybrid: weight of the policy-gradient term
 
 
+class LoraConfig(Section):
+    """LoRA adapters as the trained policy (sdpo/learner/lora.py, PEFT): the base weights stay
+    frozen and sharded, only the adapters are trained, averaged into the teacher and synced."""
+
+    enabled: bool = False
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0.0)  # the update is (alpha / rank) * B @ A
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on the adapter's input, while training only
+    # Linear layers to adapt, by the last part of their module name (PEFT's target_modules). The
+    # default is every projection of a Llama/Qwen-style decoder layer.
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    # What reaches the rollout engines after each step. "adapter": the adapters only (a few MB), which
+    # the engines apply themselves (vLLM's LoRA support, the HF engine through PEFT); needs
+    # rollout.max_staleness=0. "merged": base + adapters merged into full weights, sent by
+    # rollout.weight_sync like a fully trained model (any engine, any transport).
+    weight_sync: Literal["adapter", "merged"] = "merged"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, value: list[str]) -> list[str]:
+        if not value or any(not name or not isinstance(name, str) for name in value):
+            raise ValueError(f"model.lora.target_modules must name at least one module, e.g. [q_proj, v_proj]; got {value!r}")
+        embeddings = sorted({"embed_tokens", "lm_head"} & set(value))
+        if embeddings:
+            # the adapters live inside the decoder layers: a tied lm_head/embed_tokens adapter
+            # would be one parameter in two places, which the merge and the engines cannot express
+            raise ValueError(f"model.lora.target_modules: {embeddings} cannot take adapters here; adapt the decoder "
+                             "layers' projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")
+        return value
+
+
 class ModelConfig(Section):
     # "tiny-arithmetic" is the embedded default: a 0.59M-parameter Qwen2 warm-started on addition,
     # built locally on first use and cached. Anything else is a local directory or a hub name.
@@ -122,6 +154,7 @@ class ModelConfig(Section):
     # Extra arguments of the tokenizer's chat template, applied alike to student, teacher, eval and
     # probe prompts (sdpo/chat.py), e.g. {enable_thinking: false} for Qwen3 as the paper's runs set it.
     chat_template_kwargs: dict[str, Any] = Field(default_factory=dict)
+    lora: LoraConfig = Field(default_factory=LoraConfig)  # off by default: full fine-tuning
 
     @model_validator(mode="after")
     def _template_kwargs(self) -> "ModelConfig":
@@ -309,7 +342,9 @@ class CheckpointConfig(Section):
     # auto: continue from the newest complete checkpoint in logging.run_dir when there is one (give
     # the run a fixed run_dir, without {time}, to resume by re-running the same command); never: start fresh.
     resume: Literal["auto", "never"] = "auto"
-    export_hf: bool = True  # the final policy as a Hugging Face folder in RUN_DIR/final_model
+    # The final policy as a Hugging Face folder in RUN_DIR/final_model (with model.lora: the adapters
+    # merged into the base; the adapters themselves always go to RUN_DIR/final_adapter, PEFT format).
+    export_hf: bool = True
     max_learner_restarts: int = Field(2, ge=0)  # a dead learner rank: restart the group from the last checkpoint
 
 
@@ -365,6 +400,7 @@ class Config(Section):
         self._check_mini_batches()
         self._check_teacher_guard()
         self._check_async()
+        self._check_lora()
         if loss.objective != "sdpo" and self.rollout.samples_per_prompt < 2:
             raise ValueError(f"loss.objective={loss.objective} compares samples within a group: "
                              "rollout.samples_per_prompt must be >= 2")
@@ -416,6 +452,13 @@ class Config(Section):
         if (samples // k) % ranks:
             raise ValueError(f"each of the optimizer.mini_batches_per_batch={k} mini-batches holds {samples // k} samples, "
                              f"which must be divisible by learner.world_size = {ranks}")
+
+    def _check_lora(self) -> None:
+        lora = self.model.lora
+        if lora.enabled and lora.weight_sync == "adapter" and self.rollout.max_staleness:
+            raise ValueError(f"model.lora.weight_sync=adapter with rollout.max_staleness={self.rollout.max_staleness}: "
+                             "asynchronous rollouts pick up weight files between batches, which adapter-only sync does "
+                             "not write; use model.lora.weight_sync=merged, or max_staleness=0")
 
     def _check_async(self) -> None:
         loss, k = self.loss, self.rollout.max_staleness

@@ -265,6 +265,9 @@ class Run:
     def serve_weights(self, step: int, teacher: bool = False) -> None:
         """The engines answer with the teacher's weights (or the student's again), through a file."""
         directory = self.weights_dir + ("-teacher" if teacher else "")
+        if self.rollout.adapters:  # LoRA adapter-only sync: the teacher's (or student's) adapters on the same base
+            self.rollout.load_adapter(self.learners.call("adapter_payload", teacher)[0], step, directory)
+            return
         self.rollout.load_weights(self.learners.export_weights(directory, step, teacher=teacher), version=step)
 
     def evaluate(self, step: int) -> dict[str, float]:
@@ -335,7 +338,9 @@ class Run:
 
     def finish(self, after: dict[str, float]) -> dict:
         """The final model folder and the before/after summary of a run that completed."""
-        if self.cfg.checkpoint.export_hf:
+        if self.cfg.model.lora.enabled:  # the adapters as a PEFT folder (on model.path as base), always
+            self.learners.call("export_adapter", str(self.run_dir / "final_adapter"))
+        if self.cfg.checkpoint.export_hf:  # LoRA: the adapters merged into the base
             export_hf(self.learners, self.model_path, self.run_dir / "final_model")
         before = self.before
         self.log.say("held-out success  " + "  ".join(f"{k.split('/')[1]}: {before[k]:.3f} -> {after[k]:.3f}" for k in before))

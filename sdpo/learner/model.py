@@ -11,6 +11,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM
 
+from sdpo.learner.lora import add_adapters, hf_name, init_adapters, is_adapter
 from sdpo.learner.packing import PACKED_SDPA, pack
 
 
@@ -39,17 +40,23 @@ def load_causal_lm(path: str, attn_implementation: str) -> torch.nn.Module:
 
 
 def load_sharded(path: str, attn_implementation: str, mesh: DeviceMesh, mixed_precision: str, device: torch.device, *,
-                 no_grad: bool = False, offload: bool = False, checkpointing: bool = False) -> torch.nn.Module:
+                 no_grad: bool = False, offload: bool = False, checkpointing: bool = False, lora=None,
+                 seed: int = 0) -> torch.nn.Module:
     """The model at `path`, sharded with FSDP2, without ever holding it whole: built on the meta
     device, sharded, given empty storage for this rank's shards only (torch's documented FSDP2
     meta-device flow: fully_shard, then to_empty), then each shard read from the checkpoint's
     safetensors as a slice of rows. A rank's host memory peaks at its shards plus one tensor's
-    slice, instead of a full fp32 copy (and a second, deep-copied, for the teacher) per rank."""
+    slice, instead of a full fp32 copy (and a second, deep-copied, for the teacher) per rank.
+
+    ``lora`` (config.LoraConfig, enabled): PEFT adapters are injected before sharding (base frozen,
+    adapters trainable) and initialised from ``seed`` (sdpo/learner/lora.py)."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=torch.float32)
+    if lora is not None:
+        add_adapters(model, lora)
     if checkpointing:
         checkpoint_layers(model)
     if no_grad:
@@ -58,6 +65,8 @@ def load_sharded(path: str, attn_implementation: str, mesh: DeviceMesh, mixed_pr
     model.to_empty(device=torch.device("cpu") if offload else device)
     _fill_from_safetensors(model, path)
     _rebuild_buffers(model, device)
+    if lora is not None:
+        init_adapters(model, seed)
     return model
 
 
@@ -67,8 +76,11 @@ def _fill_from_safetensors(model: torch.nn.Module, path: str) -> None:
     memory map: mapped pages of the file would count in this process's resident memory)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    wanted = model.state_dict()
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {name for name, _ in model.named_parameters()}
+    # by the checkpoint's names: LoRA's wrapped base layers are found under their plain names, and
+    # the adapters are not in the checkpoint
+    wanted = {hf_name(name): t for name, t in model.state_dict().items() if not is_adapter(name)}
+    tied = {hf_name(name) for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        hf_name(name) for name, _ in model.named_parameters()}
     missing = set(wanted) - tied
     for file in _safetensors_files(path):
         with open(file, "rb") as f:

@@ -3,6 +3,7 @@ the optimizer and the EMA teacher. It sees token ids and a loss configuration, n
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -23,6 +24,7 @@ from torch.distributed.tensor import DTensor
 
 from sdpo.batch import TrainSample
 from sdpo.config import Config
+from sdpo.learner.lora import TeacherAdapters, adapter_state, merged_full_tensors
 from sdpo.learner.micro_batches import shares_prompts
 from sdpo.learner.model import lm_head_weight, load_sharded, pick_attention, response_hidden, response_logits
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
@@ -30,6 +32,7 @@ from sdpo.learner.packing import PACKED_SDPA
 from sdpo.learner.single_rank import local_full_state
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.placement import rollout_torch_dtype
+from sdpo.weight_sync.adapters import adapter_payload, write_adapter_folder
 from sdpo.weight_sync.broadcast import join_weight_group
 from sdpo.weight_sync.files import savable, write_weights
 from sdpo.weight_sync.learner_side import iter_full_tensors, push_weights
@@ -68,11 +71,17 @@ class LearnerWorker:
         # as the driver planned it (its budget counted shared prompts once); only sdpa_packed implements it
         self.share_prompts = shares_prompts(self.cfg)[0] and attention == PACKED_SDPA
         # sharded from the start (meta device, then each rank's rows from safetensors): no rank holds a full copy
+        lora = self.cfg.model.lora if self.cfg.model.lora.enabled else None
         self.student = load_sharded(self.model_path, attention, mesh, learner.mixed_precision, self.device,
-                                    checkpointing=learner.activation_checkpointing)
-        self.teacher = self._make_teacher(attention, mesh)
+                                    checkpointing=learner.activation_checkpointing, lora=lora, seed=self.cfg.seed)
+        self.lora = lora
+        # LoRA: the teacher (ema, frozen, trust_region) is a second set of adapter values on the same base
+        self.teacher_adapters = (TeacherAdapters(self.student) if lora and self.cfg.has_separate_teacher
+                                 and self.cfg.teacher.kind != "checkpoint" else None)
+        self.teacher = None if self.teacher_adapters else self._make_teacher(attention, mesh)
         opt = self.cfg.optimizer
-        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
+        trained = [p for p in self.student.parameters() if p.requires_grad]  # LoRA: the adapters only
+        self.optimizer = torch.optim.AdamW(trained, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
         warmup = max(1, opt.warmup_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return sum(p.numel() for p in self.student.parameters())
@@ -112,19 +121,33 @@ class LearnerWorker:
         if self.cfg.loss.objective == "grpo":
             return None
         if kind == "live":
-            return self._scores(self.student, prompts, responses, keep)
-        scores = self._scores(self.teacher, prompts, responses, keep)
+            return self._live_scores(prompts, responses, keep)
+        if self.teacher_adapters is not None:
+            with self.teacher_adapters.swapped_in(self.student):
+                scores = self._scores(self.student, prompts, responses, keep)
+        else:
+            scores = self._scores(self.teacher, prompts, responses, keep)
         if kind == "trust_region":
             # Interpolate logits between the initial model and the current policy, both on the
             # teacher context: the teacher can move only as far as the rate lets it.
             rate = self.cfg.teacher.update_rate
-            live = self._scores(self.student, prompts, responses, keep)
+            live = self._live_scores(prompts, responses, keep)
             if scores.logits is not None:
                 return Scores(logits=torch.lerp(scores.logits.float(), live.logits.float(), rate))
             # (1-r) W0 h0 + r W1 h1 = [(1-r) h0, r h1] @ [W0, W1]^T: still one chunkable projection.
             return Scores(hidden=torch.cat([(1 - rate) * scores.hidden.float(), rate * live.hidden.float()], dim=-1),
                           weight=torch.cat([scores.weight.float(), live.weight.float()], dim=-1), chunk_tokens=scores.chunk_tokens)
         return scores
+
+    def _live_scores(self, prompts: list[list[int]], responses: list[list[int]], keep: torch.Tensor | None) -> Scores:
+        """The current policy as the teacher; LoRA: without adapter dropout (the teacher is not trained)."""
+        if self.lora is None or not self.lora.dropout:
+            return self._scores(self.student, prompts, responses, keep)
+        self.student.eval()
+        try:
+            return self._scores(self.student, prompts, responses, keep)
+        finally:
+            self.student.train()
 
     def train_step(self, micros: list[list[TrainSample]], totals: Totals) -> dict[str, float]:
         """``train_batch`` of a batch that is one mini-batch."""
@@ -219,9 +242,12 @@ class LearnerWorker:
 
     @torch.no_grad()
     def _update_teacher(self) -> None:
-        if self.teacher is None or self.cfg.teacher.kind != "ema" or self._teacher_frozen:
+        if self.cfg.teacher.kind != "ema" or self._teacher_frozen or not self.cfg.has_separate_teacher:
             return  # frozen, trust_region and checkpoint teachers keep their weights; live has none
         rate = self.cfg.teacher.update_rate
+        if self.teacher_adapters is not None:
+            self.teacher_adapters.lerp_(self.student, rate)  # LoRA: the adapters are all that differ
+            return
         for t, s in zip(self.teacher.parameters(), self.student.parameters()):
             t_local = t.to_local() if isinstance(t, DTensor) else t
             s_local = s.to_local() if isinstance(s, DTensor) else s
@@ -234,9 +260,11 @@ class LearnerWorker:
     _teacher_copy: list[torch.Tensor] | None = None
 
     def _teacher_shards(self) -> list[torch.Tensor]:
-        if self.teacher is None or self.cfg.teacher.kind != "ema":
+        if (self.teacher is None and self.teacher_adapters is None) or self.cfg.teacher.kind != "ema":
             raise ValueError(f"the teacher guard acts on an EMA teacher; teacher.kind={self.cfg.teacher.kind!r} "
                              f"with loss.objective={self.cfg.loss.objective!r} has none")
+        if self.teacher_adapters is not None:
+            return self.teacher_adapters.shards()
         return [t.to_local() if isinstance(t, DTensor) else t for t in self.teacher.parameters()]
 
     def freeze_teacher(self) -> None:
@@ -257,14 +285,36 @@ class LearnerWorker:
         for t, saved in zip(self._teacher_shards(), self._teacher_copy):
             t.copy_(saved.to(t.device))
 
+    @torch.no_grad()
+    def response_logits(self, prompts: list[list[int]], responses: list[list[int]], teacher: bool = False) -> torch.Tensor:
+        """Untempered logits predicting each response token, from the policy or the teacher, in eval
+        mode: what a check that an engine (or an export) holds the learner's weights compares against.
+        Every rank calls it with the same inputs (the forward gathers shards)."""
+        if teacher and self.teacher is not None:
+            model, context = self.teacher, contextlib.nullcontext()
+        else:
+            model, context = self.student, self._as_teacher(teacher)
+        training = model.training
+        model.eval()
+        try:
+            with context:
+                return response_logits(model, prompts, responses, self.device).cpu()
+        finally:
+            model.train(training)
+
     def export_weights(self, directory: str, version: int, teacher: bool = False) -> str | None:
         """Full student (or teacher) weights as one file. Every rank joins the gather; rank 0 writes."""
-        if teacher and self.teacher is None:
+        if teacher and self.teacher is None and self.teacher_adapters is None:
             raise ValueError(f"teacher.kind={self.cfg.teacher.kind!r} with loss.objective={self.cfg.loss.objective!r} "
                              "keeps no separate teacher weights")
-        model = self.teacher if teacher else self.student
-        state = (local_full_state(model) if self.world_size == 1  # one rank: its shards are whole, nothing to gather
-                 else get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+        if self.lora is not None and (not teacher or self.teacher_adapters is not None):
+            # LoRA, full-merge path: base + adapters merged, for engines that load plain weights
+            with self._as_teacher(teacher):
+                state = self._merged_state()
+        else:
+            model = self.teacher if teacher else self.student
+            state = (local_full_state(model) if self.world_size == 1  # one rank: its shards are whole, nothing to gather
+                     else get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
         # in the engines' dtype: a bf16 engine needs half the bytes of the fp32 master weights
         path = write_weights(state, directory, version, dtype=rollout_torch_dtype(self.cfg)) if self.rank == 0 else None
         dist.barrier()
@@ -279,9 +329,48 @@ class LearnerWorker:
         """Stream the student's full weights to the engines in buckets (nccl / cuda_ipc). Every rank
         calls it: gathering each FSDP2 shard is a collective."""
         dtype = rollout_torch_dtype(self.cfg)
-        return push_weights(iter_full_tensors(self.student), transport=transport, rank=self.rank, version=version,
+        tensors = self._merged(skip_tied=True) if self.lora is not None else iter_full_tensors(self.student)
+        return push_weights(tensors, transport=transport, rank=self.rank, version=version,
                             bucket_bytes=bucket_bytes, device=self.device, group=getattr(self, "_weight_group", None),
                             receivers=receivers_by_rank[self.rank] if receivers_by_rank else None, dtype=dtype)
+
+    def _merged(self, skip_tied: bool):
+        return merged_full_tensors(self.student, self.lora.alpha / self.lora.rank, skip_tied=skip_tied)
+
+    def _merged_state(self) -> dict[str, torch.Tensor] | None:
+        """LoRA: the merged full state on rank 0 (host memory); the other ranks join each gather and keep nothing."""
+        merged = self._merged(skip_tied=False)
+        if self.rank == 0:
+            return {name: t.cpu() for name, t in merged}
+        for _ in merged:
+            pass
+        return None
+
+    def _as_teacher(self, teacher: bool):
+        """LoRA: the student's modules computing as the teacher (its adapters swapped in) when ``teacher``."""
+        if not teacher:
+            return contextlib.nullcontext()
+        if self.teacher_adapters is None:
+            raise ValueError(f"teacher.kind={self.cfg.teacher.kind!r} with loss.objective={self.cfg.loss.objective!r} "
+                             "keeps no separate teacher weights")
+        return self.teacher_adapters.swapped_in(self.student)
+
+    def export_adapter(self, directory: str, teacher: bool = False) -> None:
+        """LoRA: the policy's (or teacher's) adapters as a PEFT folder in ``directory`` (rank 0 writes)."""
+        payload = self.adapter_payload(teacher, dtype=torch.float32)
+        if self.rank == 0:
+            write_adapter_folder(payload, directory)
+        dist.barrier()
+
+    def adapter_payload(self, teacher: bool = False, dtype: torch.dtype | None = None) -> dict | None:
+        """LoRA: the policy's (or teacher's) adapters as a PEFT folder's files, in the engines' dtype
+        unless ``dtype``; rank 0 returns them (every rank joins the gather)."""
+        with self._as_teacher(teacher):
+            state = adapter_state(self.student)
+        if self.rank != 0:
+            return None
+        dtype = dtype or rollout_torch_dtype(self.cfg)
+        return adapter_payload({k: v.to(dtype) for k, v in state.items()}, self.lora, self.model_path)
 
     def release_memory(self) -> None:
         """Give the blocks this rank's CUDA caching allocator holds back to the driver, for a
@@ -300,7 +389,8 @@ class LearnerWorker:
     def load_checkpoint(self, directory: str) -> None:
         state = self._checkpoint_state()
         dcp.load(state, checkpoint_id=os.path.join(directory, "learner"))
-        set_state_dict(self.student, self.optimizer, model_state_dict=state["student"], optim_state_dict=state["optimizer"])
+        set_state_dict(self.student, self.optimizer, model_state_dict=state["student"], optim_state_dict=state["optimizer"],
+                       options=self._state_options())
         if self.teacher is not None:
             set_model_state_dict(self.teacher, state["teacher"])
         extra = torch.load(os.path.join(directory, f"rank{self.rank}.pt"), weights_only=False)
@@ -309,15 +399,27 @@ class LearnerWorker:
         dist.barrier()
 
     def _checkpoint_state(self) -> dict:
-        student, optimizer = get_state_dict(self.student, self.optimizer)
+        student, optimizer = get_state_dict(self.student, self.optimizer, options=self._state_options())
         state = {"student": student, "optimizer": optimizer}
         if self.teacher is not None:  # the EMA teacher is state too: a resume must not reset it
             state["teacher"] = get_model_state_dict(self.teacher)
+        if self.teacher_adapters is not None:  # LoRA: the teacher's adapter values (loaded in place)
+            state["teacher_adapters"] = self.teacher_adapters.tensors
         return state
 
+    def _state_options(self) -> StateDictOptions:
+        # LoRA: the frozen base is the checkpoint at model.path, not state; only the adapters are
+        # saved, and a load leaves the base as loaded (strict would call it missing)
+        lora = self.lora is not None
+        return StateDictOptions(ignore_frozen_params=lora, strict=not lora)
+
     def export_hf(self, directory: str) -> None:
-        """The student's full weights as ``model.safetensors`` in ``directory`` (rank 0 writes)."""
-        state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        """The student's full weights as ``model.safetensors`` in ``directory`` (rank 0 writes); LoRA:
+        the adapters merged into the base."""
+        if self.lora is not None:
+            state = self._merged_state()
+        else:
+            state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
             os.makedirs(directory, exist_ok=True)
             save_file(savable(state), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})

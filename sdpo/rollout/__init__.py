@@ -34,4 +34,4 @@ def make_engine(kind: str, model_path: str, *, dtype: str = "float32", seed: int
     from sdpo.rollout.hf_engine import HFEngine
 
     return HFEngine(model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                    weight_sync_timeout_s=options.get("weight_sync_timeout_s", 600.0))
+                    weight_sync_timeout_s=options.get("weight_sync_timeout_s", 600.0))  # (adapters need no lora_rank)

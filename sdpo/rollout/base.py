@@ -72,6 +72,12 @@ class RolloutEngine(abc.ABC):
     def finish_weight_update(self) -> None:
         raise NotImplementedError(f"the {self.kind} engine has no bucketed weight updates: use rollout.weight_sync=shm")
 
+    # LoRA adapter-only sync (model.lora.weight_sync=adapter): the base weights stay, and every
+    # later generate / score applies the PEFT adapter folder at ``path`` (adapter_config.json +
+    # adapter_model.safetensors). The engine must have been built with ``lora_rank``.
+    def load_adapter(self, path: str, version: int) -> None:
+        raise NotImplementedError(f"the {self.kind} engine cannot apply LoRA adapters: use model.lora.weight_sync=merged")
+
     # Broadcast weight updates (sdpo/weight_sync/broadcast.py): join the group once, then receive per sync.
     def join_weight_group(self, backend: str, master_addr: str, master_port: int, rank_offset: int, world_size: int) -> None:
         raise NotImplementedError(f"the {self.kind} engine cannot join a weight broadcast group: use rollout.weight_sync=shm")

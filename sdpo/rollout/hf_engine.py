@@ -206,3 +206,24 @@ class HFEngine(RolloutEngine):
                 f"weights at {path} do not match the model: missing {sorted(missing)}, "
                 f"unexpected {sorted(unexpected)}"
             )
+
+    def load_adapter(self, path: str, version: int) -> None:
+        """PEFT adapters injected into the model once (on the first call, from the folder's config),
+        then their values replaced from each new folder: the base weights are never touched."""
+        import os
+
+        from peft import LoraConfig, inject_adapter_in_model
+
+        from sdpo.weight_sync.adapters import ADAPTER, in_model_name, is_adapter
+
+        if not getattr(self, "_has_adapters", False):
+            inject_adapter_in_model(LoraConfig.from_pretrained(path), self.model, adapter_name=ADAPTER)
+            self.model.to(self.device).eval()
+            self._has_adapters = True
+        state = {in_model_name(name): t
+                 for name, t in load_file(os.path.join(path, "adapter_model.safetensors"), device=str(self.device)).items()}
+        wanted = {name for name in self.model.state_dict() if is_adapter(name)}
+        if set(state) != wanted:
+            raise ValueError(f"adapter at {path} does not match the model's adapters: missing {sorted(wanted - set(state))[:3]}, "
+                             f"unexpected {sorted(set(state) - wanted)[:3]}")
+        self.model.load_state_dict(state, strict=False)

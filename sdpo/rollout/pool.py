@@ -36,6 +36,9 @@ class RolloutPool:
         check_placement(cfg)
         self.settings = engine_settings(cfg, model_max_positions(model_path))
         self.transport = self.settings.weight_sync
+        lora = cfg.model.lora
+        self.adapters = lora.enabled and lora.weight_sync == "adapter"  # LoRA: only adapters reach the engines
+        self._last_adapter: tuple | None = None  # (payload, version, directory): what a replacement loads
         self.shares_gpu = self.settings.sleep_mode  # colocated on CUDA: each engine shares a GPU with a learner rank
         self.bucket_bytes = r.weight_sync_bucket_mib * 2**20
         self.version = 0  # the policy version every replica holds
@@ -57,7 +60,8 @@ class RolloutPool:
                                            self.cfg.seed + index, r.torch_threads_per_replica),
                            dict(max_model_len=s.max_model_len, gpu_memory_utilization=s.gpu_memory_utilization,
                                 enforce_eager=s.enforce_eager, chunked_prefill=s.chunked_prefill,
-                                enable_sleep_mode=s.sleep_mode, weight_sync_timeout_s=r.weight_sync_timeout_s),
+                                enable_sleep_mode=s.sleep_mode, weight_sync_timeout_s=r.weight_sync_timeout_s,
+                                **({"lora_rank": self.cfg.model.lora.rank} if self.adapters else {})),
                            num_cpus=r.num_cpus_per_replica, num_gpus=r.num_gpus_per_replica, placement_group=group,
                            bundle=index % group.bundle_count if group is not None else 0)
 
@@ -113,7 +117,9 @@ class RolloutPool:
             # request_memory): the learner beside it returns its cached blocks first
             self._export[0].call("release_memory")
         self.workers[index] = worker = self._start(index)
-        if self.version:
+        if self._last_adapter is not None:
+            ray.get(worker.load_adapter.remote(*self._last_adapter))
+        elif self.version:
             # a file holding the current version, else (the nccl / cuda_ipc transports keep none) one
             # the learners write now
             path = self._last_weights[0] if self._last_weights and self._last_weights[1] == self.version else None
@@ -146,6 +152,11 @@ class RolloutPool:
         weight_sync.learner_side.push_weights) while the replicas receive."""
         self._export = (learners, directory)
         started = time.perf_counter()
+        if self.adapters:
+            payload = learners.call("adapter_payload")[0]
+            self.load_adapter(payload, version, directory)
+            return {"weight_sync/seconds": time.perf_counter() - started,
+                    "weight_sync/bytes": float(len(payload["adapter_model.safetensors"]))}
         if self.shares_gpu:
             # the engines re-allocate their weights and KV cache on wake-up: the learners give back
             # the blocks their caching allocators hold first (torch.cuda.empty_cache)
@@ -172,10 +183,18 @@ class RolloutPool:
             self.version = version
         return {"weight_sync/seconds": time.perf_counter() - started}
 
+    def load_adapter(self, payload: dict, version: int, directory: str) -> None:
+        """LoRA adapter-only sync: every replica writes the adapter folder (``payload``: its files,
+        a few MB through Ray) under ``directory`` on its node and generates with it from now on."""
+        self._last_adapter, self.version = (payload, version, directory), version
+        self._call_all("load_adapter", payload, version, directory)
+
     def prepare_for_training(self) -> None:
         """Colocated: free the GPU memory the engines hold before the learner trains."""
         if self.shares_gpu:
-            self._call_all("sleep", 2)  # weights too: a full sync follows every step
+            # weights too, as a full sync follows every step; adapter-only sync never resends the
+            # base, so those engines keep their weights in host memory (level 1)
+            self._call_all("sleep", 1 if self.adapters else 2)
 
     def receivers_for_rank(self, rank: int, world_size: int) -> list:
         """Colocated: replica i shares a GPU with learner rank i % world_size."""
@@ -209,7 +228,7 @@ class RolloutPool:
                 ray.get(ref)
             except RayActorError as error:
                 self._replace(i, error)
-                if method not in ("load_weights",):
+                if method not in ("load_weights", "load_adapter"):
                     ray.get(getattr(self.workers[i], method).remote(*args))
 
     def versions(self) -> list[int]:

@@ -37,10 +37,12 @@ class VLLMEngine(RolloutEngine):
         in_process: bool | None = None,
         enable_sleep_mode: bool = False,
         weight_sync_timeout_s: float = 600.0,
+        lora_rank: int | None = None,
     ):
         """Unset options take the device's defaults (sdpo/placement.py derives them from a recipe):
         on CPU an explicit KV cache of CPU_KV_CACHE_GIB, eager mode, whole-prompt prefill; on CUDA a
-        cache filling gpu_memory_utilization, CUDA graphs and chunked prefill."""
+        cache filling gpu_memory_utilization, CUDA graphs and chunked prefill. ``lora_rank``: LoRA
+        adapters of up to this rank can be loaded (``load_adapter``; one at a time, the newest)."""
         shm_before = shm_files()  # before vLLM is imported: importing it can make a semaphore
         cpu = _on_cpu()
         # On CPU the engine core runs in this process by default: no extra processes, no OpenMP core
@@ -69,6 +71,8 @@ class VLLMEngine(RolloutEngine):
             memory["gpu_memory_utilization"] = gpu_memory_utilization
         self.max_model_len = max_model_len
         self.weight_sync_timeout_s = weight_sync_timeout_s
+        self._lora = None  # the LoRARequest every request carries (load_adapter); None: the base weights
+        lora = {} if lora_rank is None else dict(enable_lora=True, max_lora_rank=_vllm_lora_rank(lora_rank), max_loras=1)
 
         from vllm import LLM
 
@@ -102,6 +106,7 @@ class VLLMEngine(RolloutEngine):
                     **({} if chunked_prefill else {"max_num_batched_tokens": max(max_model_len, 8192)}),
                     # sleep()/wake_up() free GPU memory for a colocated learner; CUDA only (no-ops on CPU)
                     enable_sleep_mode=enable_sleep_mode and not cpu,
+                    **lora,
                 )
         except BaseException:
             self.files.remove()
@@ -147,7 +152,7 @@ class VLLMEngine(RolloutEngine):
             for i in range(len(prompts))
         ]
         outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False
+            [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False, lora_request=self._lora
         )
         return [[self._completion(c) for c in out.outputs] for out in outputs]
 
@@ -167,7 +172,7 @@ class VLLMEngine(RolloutEngine):
         self._ensure_awake()
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False, temperature=0.0)
         prompts = [TokensPrompt(prompt_token_ids=list(p) + list(r)) for p, r in zip(prompt_ids, response_ids)]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self._lora)
         scores = []
         for p, r, out in zip(prompt_ids, response_ids, outputs):
             ids = list(p) + list(r)
@@ -200,6 +205,20 @@ class VLLMEngine(RolloutEngine):
         self._wake_weights()
         self.llm.collective_rpc("sdpo_reload_weights", args=(path,))
         self._weights_loaded()
+
+    def load_adapter(self, path: str, version: int) -> None:
+        """A new adapter id per version: vLLM caches adapters by id, so a reused id would keep
+        serving the old values. The previous one is dropped (max_loras=1 holds the newest only)."""
+        from vllm.lora.request import LoRARequest
+
+        if self.llm.llm_engine.vllm_config.lora_config is None:
+            raise RuntimeError("this vLLM engine was built without LoRA (lora_rank=None): it cannot load adapters")
+        self._ensure_awake()
+        previous, self._lora = self._lora, LoRARequest(f"sdpo-v{version}", version + 1, path)
+        self.llm.llm_engine.add_lora(self._lora)  # loaded now, not lazily inside the next generate
+        if previous is not None and previous.lora_int_id != self._lora.lora_int_id:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+        self.llm.reset_prefix_cache()  # cached blocks hold keys computed with the old adapter
 
     def begin_weight_update(self) -> None:
         self._wake_weights()
@@ -264,3 +283,12 @@ class VLLMEngine(RolloutEngine):
         else:
             # cached KV blocks were computed with the old weights
             self.llm.reset_prefix_cache()
+
+
+def _vllm_lora_rank(rank: int) -> int:
+    """vLLM accepts max_lora_rank from a fixed list (1, 8, 16, 32, ...): the smallest that holds ``rank``."""
+    for allowed in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= allowed:
+            return allowed
+    raise ValueError(f"model.lora.rank={rank}: vLLM serves adapters of rank up to 512; use model.lora.weight_sync=merged")
+

@@ -13,6 +13,7 @@ Every completion is stamped with the policy version of the weights that sampled 
 from __future__ import annotations
 
 import os
+import shutil
 
 import ray
 import torch
@@ -52,6 +53,18 @@ class _RolloutWorker:
                 "rollout.weight_sync=shm needs every rollout replica on learner rank 0's node; on a cluster of "
                 "several nodes use rollout.weight_sync=nccl (NCCL on GPUs, gloo on CPU)")
         self._engine.load_weights(path)
+        self._version = version
+
+    def load_adapter(self, payload: dict, version: int, directory: str) -> None:
+        """LoRA adapter-only sync: the adapter folder's files (sdpo/learner/lora.py, adapter_payload)
+        written under ``directory`` on this replica's node, loaded, and the previous version removed."""
+        from sdpo.weight_sync.adapters import write_adapter_folder
+
+        path = write_adapter_folder(payload, os.path.join(directory, f"adapter-{os.getpid()}-v{version}"))
+        self._engine.load_adapter(path, version)
+        previous, self._adapter_dir = getattr(self, "_adapter_dir", None), path
+        if previous is not None and previous != path:
+            shutil.rmtree(previous, ignore_errors=True)
         self._version = version
 
     def begin_weight_update(self) -> None:
