@@ -136,7 +136,7 @@ class RecordingLLM:
             assert self.weights, f"{method} while the weights are asleep"
         self.log.append(("rpc", method))
 
-    def generate(self, prompts, params, use_tqdm=False):
+    def generate(self, prompts, params, use_tqdm=False, lora_request=None):
         assert self.weights and self.kv_cache, "generate while asleep"
         self.log.append(("generate",))
         return []
