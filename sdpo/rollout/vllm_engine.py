@@ -6,6 +6,7 @@ import gc
 import os
 import tempfile
 import time
+import weakref
 
 import torch
 
@@ -81,6 +82,8 @@ class VLLMEngine(RolloutEngine):
         set_num_threads = torch.set_num_threads
         started = time.perf_counter()
         self.files = EngineFiles(scratch_dir=tempfile.mkdtemp(prefix="sdpo-vllm-"))
+        # an engine nobody closes (a test's, a script's) still removes them when collected or at exit
+        weakref.finalize(self, self.files.remove)
         try:
             with temp_dir_for_engine(self.files.scratch_dir):
                 self.llm = LLM(
