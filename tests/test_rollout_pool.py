@@ -274,6 +274,7 @@ def test_colocated_pool_returns_learner_memory_before_engines_allocate(ray_clust
     pool.cfg, pool.transport, pool.shares_gpu, pool.bucket_bytes = cfg, "cuda_ipc", True, 1 << 20
     pool.workers, pool.version, pool.restarts, pool._export = [Recorder("replica0", log)], 0, 0, None
     pool._last_weights, pool._group_learners, pool.engine_files = None, None, [EngineFiles()]
+    pool.adapters, pool._last_adapter = False, None
     learners = Recorder("learners", log)
     learners.world_size = 1
     pool.sync_weights(learners, 1, "/dev/shm/unused")
