@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -114,8 +115,6 @@ def main() -> None:
         rollout.shutdown()
         envs.shutdown()
         ray.shutdown()
-        import shutil
-
         shutil.rmtree(weights_dir, ignore_errors=True)
     medians = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(f"cold start (env, model, Ray, actors): {cold_s:.1f} s; load average {os.getloadavg()[0]:.1f}")
