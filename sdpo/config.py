@@ -266,7 +266,11 @@ class OptimizerConfig(Section):
     betas: tuple[float, float] = (0.9, 0.999)  # each in [0, 1), as AdamW requires
     weight_decay: float = Field(0.01, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
-    warmup_steps: int = Field(10, ge=0)  # linear warm-up, then constant
+    warmup_steps: int = Field(10, ge=0)  # linear warm-up (in optimizer steps), then the schedule
+    # After warm-up: constant, or a decay to min_lr_ratio * lr at the run's last optimizer step
+    # (steps * updates_per_batch * mini_batches_per_batch; sdpo/learner/schedule.py)
+    lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
     updates_per_batch: int = Field(1, ge=1)  # passes (epochs) over one generation batch (>1: off-policy)
     # Each pass splits the batch, in order, into this many disjoint mini-batches of whole prompt
     # groups, one optimizer step each: updates_per_batch * mini_batches_per_batch steps per batch.

@@ -29,6 +29,7 @@ from sdpo.learner.micro_batches import shares_prompts
 from sdpo.learner.model import lm_head_weight, load_sharded, pick_attention, response_hidden, response_logits
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
 from sdpo.learner.packing import PACKED_SDPA
+from sdpo.learner.schedule import make_scheduler
 from sdpo.learner.single_rank import local_full_state
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.placement import rollout_torch_dtype
@@ -82,8 +83,7 @@ class LearnerWorker:
         opt = self.cfg.optimizer
         trained = [p for p in self.student.parameters() if p.requires_grad]  # LoRA: the adapters only
         self.optimizer = torch.optim.AdamW(trained, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
-        warmup = max(1, opt.warmup_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        self.scheduler = make_scheduler(self.optimizer, self.cfg)
         return sum(p.numel() for p in self.student.parameters())
 
     def _make_teacher(self, attention: str, mesh) -> torch.nn.Module | None:
