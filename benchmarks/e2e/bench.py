@@ -79,7 +79,7 @@ def make_plan(size: str, steps: int, seed: int, eval_tasks: int | None) -> dict:
     templates = {k: getattr(ours, k) for k in ("reprompt_template", "solution_template", "feedback_template")}
     return {"size": s, "size_name": size, "templates": templates, "seed": seed, "environment": name, "model_path": model_for(size),
             "steps": [[t.id for t in sampler.next(s["prompts"])] for _ in range(steps)],
-            "eval": [t.id for t in held_out]}
+            "eval": [t.id for t in held_out], "fixed_length": not isinstance(s["model"], str)}
 
 
 def loss_agreement() -> float | str:
@@ -110,7 +110,8 @@ def summary(records: list[dict], samples: int) -> dict:
     seconds = statistics.median(r["seconds"] for r in timed)
     phases = {k: statistics.median(r["phases"][k] for r in timed) for k in timed[0]["phases"]}
     return {"s_per_step": seconds, "samples_per_s": samples / seconds, "phases_s": phases,
-            "steps_timed": len(timed), "first_step_s": records[0]["seconds"]}
+            "steps_timed": len(timed), "first_step_s": records[0]["seconds"],
+            "response_tokens": statistics.median(r.get("response_tokens", 0) for r in timed)}
 
 
 def main() -> None:
@@ -160,7 +161,7 @@ def main() -> None:
         extra = ""
         if a.eval:
             extra = f" | held-out T=1 {result['before'][name]['success_t1']:.3f} -> {result['after'][name]['success_t1']:.3f}"
-        print(f"{name:>5}: {s['s_per_step']:.3f} s/step, {s['samples_per_s']:.1f} samples/s ({phases}); "
+        print(f"{name:>5}: {s['s_per_step']:.3f} s/step, {s['samples_per_s']:.1f} samples/s, {s['response_tokens']:.0f} response tokens/step ({phases}); "
               f"start-up {result['ready'][name]['startup_s']:.1f} s{extra}")
     print(f"throughput / TRL's: {', '.join(f'{k} {v:.2f}x' for k, v in result['speedup'].items())}; teacher prompts: {result['check']}; "
           f"loss and logit-gradient |TRL - ours| on the same logits (fp32): {result['loss_max_abs_diff_topk100_tail_alpha05']}")

@@ -69,7 +69,8 @@ def main() -> None:
     by_id = {t.id: t for split in (cfg.environment.train_split, cfg.environment.eval_split) for t in env.tasks(split)}
     model_path = plan["model_path"]
     tokenizer = load_tokenizer(model_path)
-    stops = stop_token_ids(model_path, tokenizer)
+    # random-init sizes: no stop token, every response max_response_tokens long (TRL's side: min_new_tokens)
+    stops = () if plan["fixed_length"] else stop_token_ids(model_path, tokenizer)
     start_ray(cfg)
     rollout, envs = RolloutPool(cfg, model_path), EnvPool(cfg.environment)
     learners = LearnerGroup(cfg, model_path)

@@ -69,6 +69,9 @@ def main() -> None:
         environment_feedback_only_without_solution=True, max_reprompt_len=10240, **plan["templates"],
         model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"},
         dataloader_num_workers=0, gradient_checkpointing=False, bf16=False,  # ours: fp32, no activation checkpointing
+        # random-init sizes: every response is max_completion_length tokens on both sides (no EOS), so
+        # the two sides do the same work per step whatever each engine happens to sample
+        generation_kwargs={"min_new_tokens": s["max_tokens"]} if plan["fixed_length"] else None,
     )
     trainer = SDPOTrainer(model=plan["model_path"], reward_funcs=[reward], args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
@@ -164,7 +167,8 @@ def main() -> None:
         def on_step_end(self, args, state, control, **kwargs):  # after TRL's EMA callback (added earlier)
             seconds = time.perf_counter() - self.begin
             generate, prepare = phases.get("generate", 0.0), phases.get("prepare_all", 0.0)
-            reply({"seconds": seconds, "phases": {"generate": generate, "prepare": prepare - generate, "learn": seconds - prepare}})
+            reply({"seconds": seconds, "phases": {"generate": generate, "prepare": prepare - generate, "learn": seconds - prepare},
+                   "response_tokens": int(last["batch"]["completion_mask"].sum())})
 
     trainer.add_callback(Gate())
     reply({"ready": True, "pid": os.getpid(), "startup_s": time.perf_counter() - started,
