@@ -16,13 +16,13 @@ def test_constant_is_warmup_then_one():
     assert lr_factor(0, 10, 0, "constant", 0.0) == 1.0
 
 
-def test_linear_and_cosine_reach_the_floor_at_the_last_step():
-    # 10 steps, 2 of warm-up: the decay spans steps 2..9, progress (s - 1) / 8
-    assert lr_factor(1, 10, 2, "linear", 0.0) == 1.0
-    assert lr_factor(5, 10, 2, "linear", 0.0) == pytest.approx(1 - 4 / 8)
-    assert lr_factor(9, 10, 2, "linear", 0.1) == pytest.approx(0.1)
-    assert lr_factor(5, 10, 2, "cosine", 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
-    assert lr_factor(9, 10, 2, "cosine", 0.2) == pytest.approx(0.2)
+def test_linear_and_cosine_decay_towards_the_floor_over_the_run():
+    # 10 steps, 2 of warm-up: the decay spans steps 2..9, progress (s - 2) / 8
+    assert [lr_factor(s, 10, 2, "linear", 0.0) for s in range(3)] == [0.5, 1.0, 1.0]
+    assert lr_factor(6, 10, 2, "linear", 0.0) == pytest.approx(1 - 4 / 8)
+    assert lr_factor(9, 10, 2, "linear", 0.1) == pytest.approx(0.1 + 0.9 * (1 - 7 / 8))  # the last step still learns
+    assert lr_factor(6, 10, 2, "cosine", 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert lr_factor(9, 10, 2, "cosine", 0.2) == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))
     # past the planned end (a resumed run given more steps): stays at the floor
     assert lr_factor(50, 10, 2, "cosine", 0.2) == pytest.approx(0.2)
 
@@ -38,7 +38,7 @@ def test_the_learner_scheduler_counts_every_optimizer_step_of_the_run():
         lrs.append(scheduler.get_last_lr()[0])
         optimizer.step()
         scheduler.step()
-    assert lrs == pytest.approx([1 - k / 11 for k in range(12)])
+    assert lrs == pytest.approx([1 - k / 12 for k in range(12)])
 
 
 def test_unknown_schedule_names_the_key():

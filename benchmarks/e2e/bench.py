@@ -161,7 +161,8 @@ def main() -> None:
         extra = ""
         if a.eval:
             extra = f" | held-out T=1 {result['before'][name]['success_t1']:.3f} -> {result['after'][name]['success_t1']:.3f}"
-        print(f"{name:>5}: {s['s_per_step']:.3f} s/step, {s['samples_per_s']:.1f} samples/s, {s['response_tokens']:.0f} response tokens/step ({phases}); "
+        print(f"{name:>5}: {s['s_per_step']:.3f} s/step, {s['samples_per_s']:.1f} samples/s, "
+              f"{s['response_tokens']:.0f} response tokens/step ({phases}); "
               f"start-up {result['ready'][name]['startup_s']:.1f} s{extra}")
     print(f"throughput / TRL's: {', '.join(f'{k} {v:.2f}x' for k, v in result['speedup'].items())}; teacher prompts: {result['check']}; "
           f"loss and logit-gradient |TRL - ours| on the same logits (fp32): {result['loss_max_abs_diff_topk100_tail_alpha05']}")

@@ -1,5 +1,5 @@
-"""The learning-rate multiplier per optimizer step: linear warm-up, then constant or a decay to
-`min_lr_ratio * lr` at the run's last optimizer step (what verl, TRL and OpenRLHF call the
+"""The learning-rate multiplier per optimizer step: linear warm-up, then constant or a decay towards
+`min_lr_ratio * lr`, reached at the end of the run's last optimizer step (what verl, TRL and OpenRLHF call the
 scheduler). One optimizer step is one `scheduler.step()`; a run has
 steps * updates_per_batch * mini_batches_per_batch of them.
 """
@@ -11,15 +11,13 @@ import math
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str, min_lr_ratio: float) -> float:
     """Multiplier of optimizer.lr for optimizer step `step` (0-based) of `total_steps`."""
-    warmup = max(1, warmup_steps)
-    if step < warmup:
-        return (step + 1) / warmup
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
     if kind == "constant":
         return 1.0
-    # progress 0 at the first step after warm-up, 1 at the last step of the run (and beyond it,
-    # e.g. a resumed run given more steps than it started with, stays at the floor)
-    span = max(1, total_steps - warmup)
-    progress = min(1.0, (step + 1 - warmup) / span)
+    # progress 0 at the first step after warm-up, (n - 1) / n at the run's last step (so that step
+    # still learns), and capped at 1 beyond it (a resumed run given more steps than it started with)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if kind == "linear":
         decay = 1.0 - progress
     elif kind == "cosine":
