@@ -1,4 +1,4 @@
-"""Defaults that fit the model and the machine: how many learner ranks.
+"""Defaults that fit the model and the machine: how many learner ranks, and packed micro-batches on CPU.
 
 A key the user set (in the recipe or an override) is never touched; a key left at its default is
 chosen here from the model's parameter count and the device, and each choice comes with a reason
@@ -13,6 +13,11 @@ that `--dry-run` and the run's first lines print.
   1 rank x 1 thread in 0.434 s (the learner is compute-bound even there: ~11k teacher and ~3k
   student tokens a step), and 1 rank x 2 threads was 7x slower on the loaded shared machine (OpenMP
   threads wait on each other when one is descheduled; two processes do not).
+- CPU with the default attention: packed micro-batches of `CPU_PACKED_TOKENS` tokens instead of
+  padded ones of `learner.samples_per_micro_batch` samples, so each prompt is computed once for all
+  its samples (learner.share_prompts). Measured on the quickstart: learn 0.146 s packed and shared
+  against 0.391 s padded (benchmarks/RESULTS.md, "Shared-prefix packing"). On GPU the padded default
+  stays until packing's memory per micro-batch is measured there.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import os
 from sdpo.config import Config
 
 SINGLE_RANK_MAX_PARAMS = 100_000_000
+CPU_PACKED_TOKENS = 8192  # the quickstart's budget: its 8 x 16 samples fit one micro-batch per rank
 # The embedded models' sizes, for a dry run before they are built (sdpo/tiny builds them on first use).
 # tiny-pairsums is smaller still (hidden 64); an upper bound is all the choice below needs.
 EMBEDDED_PARAMS = {"tiny-arithmetic": 592_256, "tiny-pairsums": 592_256}
@@ -69,15 +75,21 @@ def fit_to_model(cfg: Config, model_path: str | None = None) -> tuple[Config, li
             reasons.append(f"learner.world_size={learner.world_size} (default kept): on CPU each rank is one core of "
                            f"compute at 1 thread, and the learner is compute-bound even at {params / 1e6:.2f}M "
                            "parameters; set learner.world_size to change it")
+    if ("max_tokens_per_micro_batch" not in learner.model_fields_set and cfg.device == "cpu"
+            and cfg.model.attn_implementation == "auto"):
+        chosen["max_tokens_per_micro_batch"] = CPU_PACKED_TOKENS
+        reasons.append(f"learner.max_tokens_per_micro_batch={CPU_PACKED_TOKENS}: on CPU, packed rows without padding "
+                       "compute each prompt once for all its samples (2.7x faster learning on the quickstart); set it, "
+                       "or null for padded micro-batches of learner.samples_per_micro_batch")
     from sdpo.learner.micro_batches import shares_prompts
 
-    _, not_shared = shares_prompts(cfg)
+    fitted = cfg
+    if chosen:
+        # model_copy keeps model_fields_set; the chosen keys join it, so a second pass changes nothing.
+        fitted = cfg.model_copy(update={"learner": learner.model_copy(update=chosen)})
+        fitted.learner.model_fields_set.update(chosen)
+        type(cfg).model_validate(fitted.model_dump())  # the chosen sizes must pass the config's own checks
+    _, not_shared = shares_prompts(fitted)
     if not_shared:
         reasons.append(not_shared)
-    if not chosen:
-        return cfg, reasons
-    # model_copy keeps model_fields_set; the chosen keys join it, so a second pass changes nothing.
-    fitted = cfg.model_copy(update={"learner": learner.model_copy(update=chosen)})
-    fitted.learner.model_fields_set.update(chosen)
-    type(cfg).model_validate(fitted.model_dump())  # the chosen sizes must pass the config's own checks
     return fitted, reasons

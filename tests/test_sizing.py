@@ -10,8 +10,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from transformers import Qwen2ForCausalLM
 
+from sdpo.learner.micro_batches import shares_prompts
 from sdpo.recipe import load_config
-from sdpo.sizing import SINGLE_RANK_MAX_PARAMS, count_params, fit_to_model
+from sdpo.sizing import CPU_PACKED_TOKENS, SINGLE_RANK_MAX_PARAMS, count_params, fit_to_model
 from sdpo.tiny.model import tiny_model_config
 
 
@@ -39,10 +40,17 @@ def test_small_model_on_gpu_gets_one_rank_with_a_reason(model_path):
     assert again.learner == cfg.learner and more == []
 
 
-def test_cpu_keeps_two_ranks_and_says_why(model_path):
+def test_cpu_keeps_two_ranks_packs_micro_batches_and_says_why(model_path):
     path, _ = model_path
     cfg, reasons = fit_to_model(load_config(None, [f"model.path={path}"]))
-    assert cfg.learner.world_size == 2 and len(reasons) == 1 and "default kept" in reasons[0]
+    assert cfg.learner.world_size == 2 and len(reasons) == 2 and "default kept" in reasons[0]
+    assert cfg.learner.max_tokens_per_micro_batch == CPU_PACKED_TOKENS and "packed rows" in reasons[1]
+    assert shares_prompts(cfg) == (True, None)
+    # padded micro-batches when asked for (null is a setting too), or under another attention
+    padded, reasons = fit_to_model(load_config(None, [f"model.path={path}", "learner.max_tokens_per_micro_batch=null"]))
+    assert padded.learner.max_tokens_per_micro_batch is None and len(reasons) == 1
+    eager, _ = fit_to_model(load_config(None, [f"model.path={path}", "model.attn_implementation=sdpa"]))
+    assert eager.learner.max_tokens_per_micro_batch is None
 
 
 def test_keys_the_user_set_are_kept(model_path):
