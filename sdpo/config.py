@@ -267,7 +267,7 @@ class OptimizerConfig(Section):
     weight_decay: float = Field(0.01, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     warmup_steps: int = Field(10, ge=0)  # linear warm-up (in optimizer steps), then the schedule
-    # After warm-up: constant, or a decay to min_lr_ratio * lr at the run's last optimizer step
+    # After warm-up: constant, or a decay towards min_lr_ratio * lr over the run's optimizer steps
     # (steps * updates_per_batch * mini_batches_per_batch; sdpo/learner/schedule.py)
     lr_schedule: Literal["constant", "linear", "cosine"] = "constant"
     min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
