@@ -9,13 +9,13 @@ calls the tool on nearly every task, well-formed, and gets some of them right, s
 
 Measured (seed 0, 2 shared cores): 450 steps, 167 s; held-out at T=1 well-formed calls 0.95, success
 0.45 (greedy: 1.00 / 0.55). Not yet solved: the SDPO teacher's view. Nothing here trains the teacher's
-format, and after the teacher prompt with a correct episode shown
-(``teacher_context.episode_demonstration: episode``) the model makes no well-formed call at all
-(0.00, ``with_demonstration_*`` in the build's metrics): that prompt is three times longer than any
-it saw. A quarter of each batch in the teacher's format from step 0 did not fix it: the plain
-episodes' copying never formed (held-out success 0.00 at step 710, loss stuck at 0.19). What is
-left to try: the teacher's format only after plain copying works, as tiny_arithmetic.py phases it.
-Until then SDPO on this model has a teacher worse than its student; GRPO does not need one.
+format, and after the teacher prompt with a correct episode shown (``episode_demonstration: episode``)
+or only its final answer the model makes no tool call at all (0.00, ``with_demonstration_*`` in the
+build's metrics). Two ways of training the teacher's format failed (models/README.md): a quarter of
+each batch from step 0 kept the plain episodes' copying from forming, and a second phase after step
+450 (16 plain + 32 teacher-format episodes a step, 600 steps) taught the format but never the copying
+(success with a demonstration 0.00) while the student climbed to 0.94. Until one works SDPO on this
+model has a teacher worse than its student; GRPO does not need one.
 
     python -m models.tiny_calculator [--cache-dir DIR] [--force]
 """
