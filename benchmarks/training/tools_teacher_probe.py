@@ -42,9 +42,11 @@ def forced(model, tok, pairs, form: str) -> dict:
         agree = (logits.argmax(-1) == target).float()
         model_tok = torch.tensor(mask, dtype=torch.bool)
         digit = model_tok & torch.tensor([tok.decode([t]).isdigit() for t in response])
-        sums["logp"] += logp[model_tok].sum().item(); sums["agree"] += agree[model_tok].sum().item()
+        sums["logp"] += logp[model_tok].sum().item()
+        sums["agree"] += agree[model_tok].sum().item()
         sums["n"] += int(model_tok.sum())
-        sums["digit_logp"] += logp[digit].sum().item(); sums["digit_agree"] += agree[digit].sum().item()
+        sums["digit_logp"] += logp[digit].sum().item()
+        sums["digit_agree"] += agree[digit].sum().item()
         sums["digits"] += int(digit.sum())
     return {"logp_per_token": sums["logp"] / sums["n"], "greedy_agreement": sums["agree"] / sums["n"],
             "digit_logp": sums["digit_logp"] / sums["digits"], "digit_agreement": sums["digit_agree"] / sums["digits"]}
