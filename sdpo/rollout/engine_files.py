@@ -35,6 +35,31 @@ class EngineFiles:
                 os.unlink(path)
 
 
+SCRATCH_PREFIX = "sdpo-vllm-"
+
+
+def new_scratch_dir() -> str:
+    """A private temp directory for one engine, named after this process; first removes those of
+    engines whose process is gone without closing them (SIGKILL, e.g. Ray killing the actors of a
+    driver that was itself killed), which nobody else knows to remove."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(SCRATCH_PREFIX):].split("-", 1)[0]
+        if name.startswith(SCRATCH_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to judge
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def temp_dir_for_engine(path: str):
     """While the engine starts (its processes spawn and its stores and sockets are made), this process's

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import gc
 import os
-import tempfile
 import time
 import weakref
 
 import torch
 
 from sdpo.rollout.base import Completion, RolloutEngine, Sampling
-from sdpo.rollout.engine_files import EngineFiles, descendants, shm_files, shm_files_of, temp_dir_for_engine
+from sdpo.rollout.engine_files import EngineFiles, descendants, new_scratch_dir, shm_files, shm_files_of, temp_dir_for_engine
 
 _EXTENSION = "sdpo.rollout.vllm_ext.WeightReloadExtension"
 _SEED_STRIDE = 1_000_003  # per-call seeds of consecutive `seed` values never share a request seed
@@ -81,7 +80,7 @@ class VLLMEngine(RolloutEngine):
         # In-process nothing is bound, so give the caller back the real function.
         set_num_threads = torch.set_num_threads
         started = time.perf_counter()
-        self.files = EngineFiles(scratch_dir=tempfile.mkdtemp(prefix="sdpo-vllm-"))
+        self.files = EngineFiles(scratch_dir=new_scratch_dir())
         # an engine nobody closes (a test's, a script's) still removes them when collected or at exit
         weakref.finalize(self, self.files.remove)
         try:
