@@ -304,21 +304,25 @@ class LearnerWorker:
 
     def export_weights(self, directory: str, version: int, teacher: bool = False) -> str | None:
         """Full student (or teacher) weights as one file. Every rank joins the gather; rank 0 writes."""
-        if teacher and self.teacher is None and self.teacher_adapters is None:
-            raise ValueError(f"teacher.kind={self.cfg.teacher.kind!r} with loss.objective={self.cfg.loss.objective!r} "
-                             "keeps no separate teacher weights")
-        if self.lora is not None and (not teacher or self.teacher_adapters is not None):
-            # LoRA, full-merge path: base + adapters merged, for engines that load plain weights
-            with self._as_teacher(teacher):
-                state = self._merged_state()
-        else:
-            model = self.teacher if teacher else self.student
-            state = (local_full_state(model) if self.world_size == 1  # one rank: its shards are whole, nothing to gather
-                     else get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)))
+        state = self._full_state(teacher)
         # in the engines' dtype: a bf16 engine needs half the bytes of the fp32 master weights
         path = write_weights(state, directory, version, dtype=rollout_torch_dtype(self.cfg)) if self.rank == 0 else None
         dist.barrier()
         return path
+
+    def _full_state(self, teacher: bool = False) -> dict[str, torch.Tensor] | None:
+        """The student's (or teacher's) whole weights on rank 0; every rank joins the gathers. LoRA:
+        base + adapters merged, for engines and folders that hold plain weights."""
+        if teacher and self.teacher is None and self.teacher_adapters is None:
+            raise ValueError(f"teacher.kind={self.cfg.teacher.kind!r} with loss.objective={self.cfg.loss.objective!r} "
+                             "keeps no separate teacher weights")
+        if self.lora is not None and (not teacher or self.teacher_adapters is not None):
+            with self._as_teacher(teacher):
+                return self._merged_state()
+        model = self.teacher if teacher else self.student
+        if self.world_size == 1:  # one rank: its shards are whole, nothing to gather
+            return local_full_state(model)
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def join_weight_group(self, backend: str, addr: str, port: int, world_size: int) -> None:
         """Rank 0 joins the engines' broadcast group (nccl transport); the others only gather."""
@@ -416,10 +420,7 @@ class LearnerWorker:
     def export_hf(self, directory: str) -> None:
         """The student's full weights as ``model.safetensors`` in ``directory`` (rank 0 writes); LoRA:
         the adapters merged into the base."""
-        if self.lora is not None:
-            state = self._merged_state()
-        else:
-            state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = self._full_state()
         if self.rank == 0:
             os.makedirs(directory, exist_ok=True)
             save_file(savable(state), os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
