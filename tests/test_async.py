@@ -1,18 +1,21 @@
 """Asynchronous SDPO on the real system (SPEC section 9): with rollout.max_staleness=1 no batch is
 learned from by a policy more than one version newer than the one that sampled it; a resumed run
-continues from a checkpoint exactly as the uninterrupted one (a checkpoint is a barrier); and
-streamed verification returns verdicts in sample order whichever replica's share arrives first."""
+continues from a checkpoint exactly as the uninterrupted one (a checkpoint is a barrier), and so does
+one whose learner rank is killed; and streamed verification returns verdicts in sample order
+whichever replica's share arrives first."""
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 
+from conftest import kill_a_learner_once_checkpointed
 from environments import load_environment
 from sdpo.recipe import load_config
 from sdpo.trainer import Run, train
 
-# One Ray cluster for the module's three runs (each run still starts and stops its own actors).
+# One Ray cluster for the module's runs (each run still starts and stops its own actors).
 pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("local_ray")]
 
 # 8 training prompts, 4 per step; two replicas, so that verification streams per replica share.
@@ -60,6 +63,24 @@ def test_a_resumed_async_run_continues_as_the_uninterrupted_one(async_run, tmp_p
     # The batch after a checkpoint is sampled by the checkpoint's weights from the checkpoint's
     # prompt position, whether or not the run stopped there: the same samples, loss and gradient.
     assert got[3] == expected[3]
+    assert all(r["rollout/staleness_max"] <= 1 for r in got.values())
+
+
+def test_a_killed_learner_rank_is_replaced_in_an_async_run(async_run, tmp_path):
+    """A rank SIGKILLed after checkpoint 2 while the rollout thread samples ahead: the in-flight
+    batches are dropped, the learner group restarts from the checkpoint, and the run goes on from its
+    barrier as a resumed run would, within the staleness bound."""
+    run_dir, killed = tmp_path / "run", []
+    killer = threading.Thread(target=kill_a_learner_once_checkpointed, args=(run_dir, 2, killed), daemon=True)
+    killer.start()
+    train(load_config("recipes/quickstart.yaml", ["steps=4", "rollout.max_staleness=1", *SMALL, f"logging.run_dir={run_dir}"]))
+    killer.join(timeout=5)
+    assert killed, "no learner process was found to kill"
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["learner/restarts"]) for r in lines if "learner/restarts" in r] == [(2, 1.0)]
+    got = rows(run_dir)
+    assert sorted(got) == [1, 2, 3, 4]  # the replayed steps are logged once
+    assert got[3] == rows(async_run)[3]  # sampled by checkpoint 2's weights from its prompt position
     assert all(r["rollout/staleness_max"] <= 1 for r in got.values())
 
 
