@@ -28,6 +28,12 @@ from environments import Environment, Task, Verdict, load_environment
 from environments.base import has_no_verdict, verdict_problem
 from sdpo.cluster import start_actor
 from sdpo.config import EnvironmentConfig
+from sdpo.episode_steps import start_all, step_all
+
+# How long past environment.tool_timeout_s a verifier may take to answer a round of episode steps
+# (its own deadline has passed by then) before it counts as stuck and is restarted.
+EPISODE_CALL_SLACK_S = 30.0
+EPISODE_START_TIMEOUT_S = 300.0
 
 # A round this small (a one-task evaluation) failing whole says little: the window decides instead.
 MIN_CALLS_TO_JUDGE_ONE_ROUND = 4
@@ -132,6 +138,12 @@ class EnvWorker:
                 reviewed = [dataclass_replace_info(v, "group_hook", f"{type(err).__name__}: {err}") for v in group]
             out += reviewed
         return out
+
+    def start_episodes(self, tasks: list[Task]) -> list[Any]:
+        return start_all(self.env, tasks)
+
+    def step_episodes(self, calls: list[tuple[Any, dict]], timeout_s: float) -> list[tuple[Any, Any]]:
+        return step_all(self.env, calls, timeout_s)
 
     def pid(self) -> int:
         return os.getpid()
@@ -284,6 +296,43 @@ class EnvPool:
 
     def count(self, verdicts: list[Verdict]) -> None:
         self.watch.record(verdicts)
+
+    # ---- multi-turn episodes (sdpo/episodes.py): start and step run here, never in the driver ----
+    def start_episodes(self, tasks: list[Task], keys: list[int]) -> list[Any]:
+        """Each episode's state (or the Verdict that ends it), started on worker ``key % workers``."""
+        return self._on_workers("start_episodes", tasks, keys, EPISODE_START_TIMEOUT_S)
+
+    def step_episodes(self, calls: list[tuple[Any, dict]], keys: list[int], timeout_s: float) -> list[tuple[Any, Any]]:
+        """(tool messages or Verdict, state) per (state, message), each on worker ``key % workers``.
+        The worker enforces ``timeout_s`` per step; a worker that does not answer shortly after that
+        (stuck past Python's reach) is killed and restarted, and a worker that dies leaves its calls
+        with no verdict: neither is something the model did."""
+        out = self._on_workers("step_episodes", calls, keys, timeout_s + EPISODE_CALL_SLACK_S, timeout_s)
+        return [r if isinstance(r, tuple) else (r, state) for r, (state, _) in zip(out, calls)]
+
+    def _on_workers(self, method: str, items: list, keys: list[int], wait_s: float, *args: Any) -> list[Any]:
+        """``method`` of the workers on ``items``, item i on worker ``keys[i] % workers``; results in
+        item order, a no-verdict Verdict for each item of a worker that died or did not answer."""
+        self._wait_for_restarts()
+        parts: dict[int, list[int]] = {}
+        for i, key in enumerate(keys):
+            parts.setdefault(key % len(self.workers), []).append(i)
+        refs = {w: getattr(self.workers[w], method).remote([items[i] for i in idx], *args) for w, idx in parts.items()}
+        out: list[Any] = [None] * len(items)
+        deadline = time.monotonic() + wait_s
+        for w, idx in parts.items():
+            try:
+                got = ray.get(refs[w], timeout=max(0.0, deadline - time.monotonic()))
+            except ray.exceptions.GetTimeoutError:
+                ray.kill(self.workers[w], no_restart=False)  # max_restarts=-1: it comes back for the next call
+                self.restarting.add(w)
+                got = [failed(f"the verifier process did not answer {method} within {wait_s:g} s", "timeout")] * len(idx)
+            except ray.exceptions.RayError as err:  # the process died (a tool that killed it); it is restarted
+                self.restarting.add(w)
+                got = [failed(f"the verifier process died in {method} ({type(err).__name__})", "crash")] * len(idx)
+            for i, result in zip(idx, got):
+                out[i] = result
+        return out
 
     @property
     def failures(self) -> dict[str, int]:

@@ -11,23 +11,20 @@ an assistant turn's end-of-turn token, cut out of a short reference chat (``obse
 An episode is one training sample (SPEC 2a): ``token_ids`` is the whole response, ``loss_mask`` is
 1 on model tokens and 0 on observation tokens, ``logprobs`` has one entry per model token.
 
-Environment steps run in daemon threads of the driver, all unfinished episodes' steps of a round at
-once (an environment's ``step`` must tolerate that), ``environment.tool_timeout_s`` each: a tool
-that raises or runs past it ends its episode with reward 0 and feedback; a final answer whose
-verification raises or hangs gets no verdict (a hung thread cannot be killed and is left behind;
-tools that can hang for good belong in the sandbox, with its limits).
+Environment steps run in the verifier actors (sdpo/episode_steps.py, through the trainer's EnvPool),
+all unfinished episodes' steps of a round at once (an environment's ``step`` must tolerate that),
+``environment.tool_timeout_s`` each: a tool that raises or runs past it ends its episode with reward 0
+and feedback; a final answer whose verification raises or hangs gets no verdict.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import inspect
-import threading
 from typing import Any, Callable
 
 from environments import EpisodeState, Task, Verdict
 from sdpo.chat import chat_ids
+from sdpo.episode_steps import LocalSteps, ended
 from sdpo.rollout.base import Completion, Sampling
 from sdpo.tool_calls import ToolCallFormat
 
@@ -76,23 +73,26 @@ class EpisodeLimits:
 
 def run_episodes(generate: Callable[[list[list[int]], Sampling], list[list[Completion]]], tokenizer: Any, env: Any,
                  tasks: list[Task], sampling: Sampling, limits: EpisodeLimits,
-                 prompt_ids: list[list[int]] | None = None) -> list[list[Episode]]:
+                 prompt_ids: list[list[int]] | None = None, steps: Any = None) -> list[list[Episode]]:
     """``sampling.n`` episodes per task; returns them grouped per task, each with its final Verdict.
     ``prompt_ids``: the prompts to start from (default: each task's chat with the tools; the
-    teacher probe passes teacher prompts)."""
+    teacher probe passes teacher prompts). ``steps``: where ``env``'s start and step run (the
+    trainer's verifier pool; default: threads of this process, ``LocalSteps``)."""
+    steps = steps or LocalSteps(env)
     tools = list(getattr(env, "tools", None) or []) or None
     fmt = ToolCallFormat.from_tokenizer(tokenizer) if tools else None
     stops = set(sampling.stop_token_ids or []) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
     prompts = prompt_ids or [chat_ids(tokenizer, t.messages, tools=tools) for t in tasks]
     groups = [[Episode(p) for _ in range(sampling.n)] for p in prompts]
-    states: dict[int, Any] = {}
-    for task, group in zip(tasks, groups):
-        for ep in group:
-            try:
-                states[id(ep)] = env.start(task)
-            except Exception as err:  # noqa: BLE001 -- a broken start() scores 0 with feedback, like a tool
-                ep.verdict = _ended(f"the environment failed to start the episode: {type(err).__name__}: {err}", "start_error")
     everyone = [ep for g in groups for ep in g]
+    key = {id(ep): i for i, ep in enumerate(everyone)}  # an episode's steps all go to one verifier process
+    states: dict[int, Any] = {}
+    started = steps.start_episodes([task for task in tasks for _ in range(sampling.n)], list(range(len(everyone))))
+    for ep, state in zip(everyone, started):
+        if isinstance(state, Verdict):
+            ep.verdict = state
+        else:
+            states[key[id(ep)]] = state
     active, rnd = [ep for ep in everyone if ep.verdict is None], 0
     while active:
         budget = max(limits.max_tokens - len(ep.token_ids) for ep in active)
@@ -100,7 +100,7 @@ def run_episodes(generate: Callable[[list[list[int]], Sampling], list[list[Compl
             budget = min(budget, limits.max_context_tokens - max(len(ep.prompt_ids) + len(ep.token_ids) for ep in active))
         if budget <= 0:
             for ep in active:
-                ep.verdict = _ended(_out_of_tokens(limits), "token_limit")
+                ep.verdict = ended(_out_of_tokens(limits), "token_limit")
             break
         if rnd == 0:  # n samples of each prompt in one call, as the single-turn path draws them
             drawn = [c for g in generate(prompts, dataclasses.replace(sampling, max_new_tokens=budget)) for c in g]
@@ -113,23 +113,25 @@ def run_episodes(generate: Callable[[list[list[int]], Sampling], list[list[Compl
         to_step, still = [], []
         for ep, completion in zip(active, turns):
             ids = completion.token_ids[: max(0, limits.max_tokens - len(ep.token_ids))]
-            ended = bool(ids) and ids[-1] in stops
-            text = tokenizer.decode(ids[:-1] if ended else ids, skip_special_tokens=False)
+            turn_ended = bool(ids) and ids[-1] in stops
+            text = tokenizer.decode(ids[:-1] if turn_ended else ids, skip_special_tokens=False)
             message = fmt.parse(text) if fmt else {"role": "assistant", "content": text}
             message["raw"] = text
             ep.add_turn(completion, ids, message)
-            state = states[id(ep)]
+            state = states[key[id(ep)]]
             if isinstance(state, EpisodeState):
                 state.turn = ep.turns
-            if message.get("tool_calls") and not ended:
-                ep.verdict = _ended(_out_of_tokens(limits, "in the middle of a tool call"), "token_limit")
+            if message.get("tool_calls") and not turn_ended:
+                ep.verdict = ended(_out_of_tokens(limits, "in the middle of a tool call"), "token_limit")
             elif message.get("tool_calls") and ep.turns >= limits.max_turns:
-                ep.verdict = _ended(f"the episode reached its limit of {limits.max_turns} turns without a final answer",
+                ep.verdict = ended(f"the episode reached its limit of {limits.max_turns} turns without a final answer",
                                     "turn_limit")
             else:  # a final answer (verified like a single-turn completion), or tool calls to run
                 to_step.append((ep, state, message))
-        results = _step_all(env, [(state, _public(m)) for _, state, m in to_step], limits.tool_timeout_s)
-        for (ep, _, _), result in zip(to_step, results):
+        results = steps.step_episodes([(state, _public(m)) for _, state, m in to_step], [key[id(ep)] for ep, _, _ in to_step],
+                                      limits.tool_timeout_s)
+        for (ep, _, _), (result, state) in zip(to_step, results):
+            states[key[id(ep)]] = state  # stepped in another process: the state comes back with the result
             if isinstance(result, Verdict):
                 ep.verdict = result
                 continue
@@ -137,7 +139,7 @@ def run_episodes(generate: Callable[[list[list[int]], Sampling], list[list[Compl
             # else the sampling stops at
             obs = observation_ids(tokenizer, result, tools, {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else stops)
             if len(ep.token_ids) + len(obs) >= limits.max_tokens:
-                ep.verdict = _ended(_out_of_tokens(limits), "token_limit")
+                ep.verdict = ended(_out_of_tokens(limits), "token_limit")
             else:
                 ep.add_observation(obs, result)
                 still.append(ep)
@@ -151,66 +153,6 @@ def _out_of_tokens(limits: EpisodeLimits, where: str = "") -> str:
 
 def _public(message: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in message.items() if k != "raw"}
-
-
-def _ended(feedback: str, why: str) -> Verdict:
-    return Verdict(0.0, feedback=feedback, info={"episode_end": why})
-
-
-def _step_all(env: Any, calls: list[tuple[Any, dict[str, Any]]], timeout_s: float) -> list[Any]:
-    """``env.step`` on every (state, message) at once, each in a daemon thread with its own
-    deadline. Malformed tool calls are answered without calling the environment. Returns a list
-    of tool messages or a Verdict per call."""
-    results: list[Any] = [None] * len(calls)
-    threads = []
-
-    def run(i: int, state: Any, message: dict[str, Any]) -> None:
-        try:
-            out = env.step(state, message)
-            if inspect.isawaitable(out):
-                out = asyncio.run(_awaited(out))
-            results[i] = _checked(out)
-        except Exception as err:  # noqa: BLE001 -- a tool's failure is the episode's end, not the run's
-            results[i] = _failed(message, f"{type(err).__name__}: {err}", "error")
-
-    for i, (state, message) in enumerate(calls):
-        bad = [c for c in message.get("tool_calls", []) if c.get("error")]
-        if bad:
-            results[i] = [{"role": "tool", "name": c.get("name") or "error", "content": f"invalid tool call: {c['error']}"}
-                          for c in bad]
-            continue
-        thread = threading.Thread(target=run, args=(i, state, message), daemon=True, name=f"sdpo-episode-step-{i}")
-        thread.start()
-        threads.append((i, thread))
-    for i, thread in threads:
-        thread.join(timeout_s)  # the deadlines overlap: all steps run at once
-        if thread.is_alive():
-            results[i] = _failed(calls[i][1], f"it did not finish within {timeout_s:g} s", "timeout")
-    return results
-
-
-def _failed(message: dict[str, Any], why: str, kind: str) -> Verdict:
-    """A step that raised or hung. On a turn with tool calls the tool failed: the episode ends with
-    reward 0 and feedback the teacher may use. On a final answer it is the verifier that failed:
-    no verdict at all (SPEC 2a, as a single-turn verify() failure), so no teacher signal."""
-    if message.get("tool_calls"):
-        return _ended(f"the tool call failed: {why}", f"tool_{kind}")
-    return Verdict(0.0, info={"verifier_failure": kind, "error": f"verify() of the final answer: {why}"})
-
-
-async def _awaited(awaitable):
-    return await awaitable
-
-
-def _checked(out: Any) -> list[dict[str, Any]] | Verdict:
-    if isinstance(out, Verdict):
-        return out
-    if isinstance(out, str):
-        out = [{"role": "tool", "content": out}]
-    if not isinstance(out, list) or not out or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in out):
-        raise TypeError(f"step() must return a Verdict or a non-empty list of tool messages "
-                        f"({{'role': 'tool', 'content': str}}), got {out!r:.120}")
-    return [{"role": "tool", **m} for m in out]
 
 
 def observation_ids(tokenizer: Any, tool_messages: list[dict[str, Any]], tools: list | None, stops: set[int]) -> list[int]:

@@ -33,7 +33,7 @@ from sdpo.checkpoint import Checkpoints, size_bytes, step_of, truncate_metrics
 from sdpo.cluster import colocated_placement_group, start_ray
 from sdpo.config import Config
 from sdpo.env_pool import EnvPool
-from sdpo.episodes import EpisodeLimits, run_episodes
+from sdpo.episodes import Episode, EpisodeLimits, run_episodes
 from sdpo.learner.group import LearnerGroup, LearnerTimeout
 from sdpo.metrics import PhaseTimer, RunLogger
 from sdpo.models import load_tokenizer, resolve_model_path, stop_token_ids
@@ -113,7 +113,7 @@ class Run:
         """The parts that need no Ray; ``start`` makes the actors."""
         self.cfg = cfg
         env, tasks_by_split = environment or (load_environment(cfg.environment.name, cfg.environment.kwargs), {})
-        self.env = env  # multi-turn environments step in the driver (sdpo/episodes.py)
+        self.env = env  # tasks and tools; multi-turn episodes step in the verifier actors (self.envs)
         split_tasks = {split: tasks_by_split.get(split) or list(env.tasks(split))
                        for split in {cfg.environment.train_split, cfg.environment.eval_split}}
         self.train_tasks, held_out = split_tasks[cfg.environment.train_split], split_tasks[cfg.environment.eval_split]
@@ -235,9 +235,12 @@ class Run:
                                env_cfg.tool_timeout_s, self.rollout.settings.max_model_len)
         sampling = Sampling(n=n, temperature=temperature, top_p=cfg.rollout.top_p, max_new_tokens=limits.max_tokens,
                             stop_token_ids=self.stops, seed=seed)
-        with timer("episodes"):
-            groups = run_episodes(self.rollout.generate, self.tokenizer, self.env, tasks, sampling, limits, prompt_ids)
-        return Rollouts(tasks, [g[0].prompt_ids for g in groups], groups, [e.verdict for g in groups for e in g], n)
+        with timer("episodes"):  # the environment's start and step run in the verifier actors
+            groups = run_episodes(self.rollout.generate, self.tokenizer, self.env, tasks, sampling, limits, prompt_ids,
+                                  steps=self.envs)
+        verdicts = [e.verdict for g in groups for e in g]
+        self.envs.count(verdicts)  # verifier failures on final answers count as in single-turn verification
+        return Rollouts(tasks, [g[0].prompt_ids for g in groups], groups, verdicts, n)
 
     def teacher_contexts(self, rollouts: Rollouts, context_cfg=None) -> tuple[list[TrainSample], dict[str, float]]:
         return build_batch(rollouts.tasks, rollouts.prompt_ids, rollouts.groups, rollouts.verdicts_by_group(),
@@ -466,7 +469,19 @@ def rollout_stats(rollouts: Rollouts, cfg: Config, step: int) -> dict[str, float
         "rollout/success_frac": sum(r >= cfg.teacher_context.success_threshold for r in rewards) / len(rewards),
         "rollout/response_tokens_mean": sum(lengths) / len(lengths),
         "verify/failures": float(failures),
+        **episode_stats(rollouts),
     }
+
+
+def episode_stats(rollouts: Rollouts) -> dict[str, float]:
+    """Multi-turn runs: model turns per episode, and how episodes ended other than by a verified
+    final answer (tool_error, tool_timeout, turn_limit, token_limit, start_error), as fractions."""
+    episodes = [c for g in rollouts.groups for c in g if isinstance(c, Episode)]
+    if not episodes:
+        return {}
+    ends = [v.info.get("episode_end") for v in rollouts.verdicts]
+    return {"episode/turns_mean": sum(e.turns for e in episodes) / len(episodes),
+            **{f"episode/ended_{why}_frac": ends.count(why) / len(ends) for why in sorted({e for e in ends if e})}}
 
 
 class PromptSampler:

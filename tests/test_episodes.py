@@ -223,7 +223,7 @@ def test_a_final_answer_whose_verify_raises_has_no_verdict(tok):
     env = Broken()
     groups = run_episodes(Script(tok, None, per_episode=[["5"], ["7"]]), tok, env, env.tasks("train"), sampling(tok, n=2), limits())
     [ep, _] = groups[0]
-    assert ep.verdict.reward == 0.0 and ep.verdict.info["verifier_failure"] == "error" and "bad key" in ep.verdict.info["error"]
+    assert ep.verdict.reward == 0.0 and ep.verdict.info["verifier_failure"] == "error" and "bad key" in ep.verdict.info["verifier_error"]
     samples, stats = batch_of(tok, env, groups)
     assert [s.sd_mask for s in samples] == [0, 0] and stats["teacher/no_verdict_frac"] == 1.0
 
