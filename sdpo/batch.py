@@ -17,7 +17,7 @@ from environments import Task, Verdict
 from environments.base import has_no_verdict
 from sdpo.chat import chat_ids
 from sdpo.config import TeacherContextConfig
-from sdpo.episodes import Episode, demonstration_text
+from sdpo.episodes import Episode, demonstration_text, demonstration_turns
 from sdpo.loss import group_advantages
 from sdpo.rollout.base import Completion
 from sdpo.teacher_context import build_teacher_contexts, truncate_prompt_ids
@@ -76,10 +76,12 @@ def build_batch(
         # A sample whose verifier failed was never judged: it is nobody's demonstration (-inf never
         # passes the success threshold), its error text is not feedback, and it teaches nothing.
         scored = [not has_no_verdict(v) for v in group_verdicts]
+        turns = ([demonstration_turns(c) for c in group] if cfg.episode_demonstration == "turns"
+                 and all(isinstance(c, Episode) for c in group) else None)
         contexts = build_teacher_contexts(
             task.messages, texts, [v.reward if ok else float("-inf") for v, ok in zip(group_verdicts, scored)],
             [v.feedback if ok else None for v, ok in zip(group_verdicts, scored)], cfg,
-            demonstration=task.demonstration,
+            demonstration=task.demonstration, turns=turns,
         )
         advantages = _advantages([v.reward for v in group_verdicts], scored, std_normalize_advantages)
         for completion, context, advantage, ok, verdict in zip(group, contexts, advantages, scored, group_verdicts):

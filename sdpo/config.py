@@ -39,9 +39,10 @@ class TeacherContextConfig(Section):
     # "left" drops the oldest tokens and so always keeps the assistant header the response is
     # scored after; "right" (what the reference code does) can cut that header off.
     teacher_truncation: Literal["left", "right", "error"] = "left"
-    # Multi-turn episodes (SPEC 2a): a successful sibling's whole episode as the demonstration, or
-    # only its final answer.
-    episode_demonstration: Literal["episode", "final_answer"] = "episode"
+    # Multi-turn episodes (SPEC 2a): a successful sibling's whole episode as a transcript in the
+    # reprompt, only its final answer, or its turns as the conversation's next turns (then the question
+    # again): the form a model knows from its own episodes, which small models copy from best.
+    episode_demonstration: Literal["episode", "final_answer", "turns"] = "episode"
 
     @model_validator(mode="after")
     def _templates(self) -> "TeacherContextConfig":

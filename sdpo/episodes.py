@@ -185,3 +185,19 @@ def demonstration_text(episode: Episode, mode: str) -> str:
         else:
             blocks.append(f"[tool {m.get('name', '')}]".replace(" ]", "]") + "\n" + m["content"])
     return "\n\n".join(blocks)
+
+
+def demonstration_turns(episode: Episode) -> list[dict[str, Any]]:
+    """A successful episode as chat messages, for ``episode_demonstration: turns`` (SPEC 2a): its
+    assistant turns with their tool calls in the chat template's own form, and its tool messages.
+    A turn whose call could not be parsed keeps the model's text as its content."""
+    out: list[dict[str, Any]] = []
+    for m in episode.messages:
+        if m.get("role") != "assistant":
+            out.append({k: v for k, v in m.items() if k in ("role", "name", "content")})
+        elif any(c.get("error") for c in m.get("tool_calls", [])):
+            out.append({"role": "assistant", "content": m.get("raw", m.get("content", ""))})
+        else:
+            calls = [{"type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in m.get("tool_calls", [])]
+            out.append({"role": "assistant", "content": m.get("content", ""), **({"tool_calls": calls} if calls else {})})
+    return out

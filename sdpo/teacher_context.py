@@ -59,6 +59,7 @@ def build_teacher_contexts(
     feedbacks: list[str | None],
     cfg: TeacherContextConfig,
     demonstration: str | None = None,
+    turns: list[list[dict]] | None = None,
 ) -> list[TeacherContext]:
     """Build the teacher context of every sample of one group (SPEC section 2).
 
@@ -71,6 +72,11 @@ def build_teacher_contexts(
     because a successful on-policy sibling is closer to what the student can produce (so with
     ``dont_reprompt_on_self_success`` a lone success is taught from it instead of getting nothing).
     It goes through the same thinking removal as sibling demonstrations.
+
+    ``turns`` (multi-turn episodes with ``episode_demonstration: turns``, SPEC 2a): each sample's
+    episode as chat messages. A sibling's demonstration is then not text in the reprompt but the
+    conversation's next turns: the task's chat, the sibling's turns, then the last user message
+    again through the reprompt template with no solution section (and the feedback, if any).
     """
     n = len(completions)
     if len(rewards) != n or len(feedbacks) != n:
@@ -88,6 +94,7 @@ def build_teacher_contexts(
     for i in range(n):
         j = _demonstration_index(i, successes, cfg.dont_reprompt_on_self_success) if source != "dataset" else None
         demo = completions[j] if j is not None else offline
+        demo_turns = [dict(m) for m in turns[j]] if turns is not None and j is not None else None
         if demo is not None and cfg.remove_thinking_from_demonstration:
             demo = remove_thinking(demo)
         has_solution = demo is not None
@@ -105,9 +112,16 @@ def build_teacher_contexts(
         if has_solution or has_feedback:
             solution = cfg.solution_template.format(successful_previous_attempt=demo) if has_solution else ""
             feedback = cfg.feedback_template.format(feedback_raw=fb) if has_feedback else ""
-            teacher_messages[last_user]["content"] = cfg.reprompt_template.format(
-                prompt=prompt, solution=solution, feedback=feedback
-            )
+            if demo_turns is None:
+                teacher_messages[last_user]["content"] = cfg.reprompt_template.format(
+                    prompt=prompt, solution=solution, feedback=feedback
+                )
+            else:  # the demonstration as the conversation's next turns, then the question again
+                if cfg.remove_thinking_from_demonstration:
+                    demo_turns = [{**m, "content": remove_thinking(m["content"])} if m.get("role") == "assistant" else m
+                                  for m in demo_turns]
+                again = {**messages[last_user], "content": cfg.reprompt_template.format(prompt=prompt, solution="", feedback=feedback)}
+                teacher_messages[last_user + 1:last_user + 1] = [*demo_turns, again]
         contexts.append(
             TeacherContext(
                 messages=teacher_messages,

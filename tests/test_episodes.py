@@ -295,6 +295,28 @@ def test_final_answer_demonstrations_and_feedback_only_without_solution(tok):
     assert [s.sd_mask for s in samples] == [0, 0]
 
 
+def test_turns_demonstrations_are_the_siblings_episode_as_earlier_turns(tok):
+    scripts = [["7"], [call_text("add", a=2, b=3), "5"], ["5"]]  # fail, success (2 turns), success (1 turn)
+    env, groups = episodes_of(tok, scripts, 3)
+    samples, _ = batch_of(tok, env, groups, episode_demonstration="turns")
+    question = env.tasks("train")[0].messages
+    again = {"role": "user", "content": "2+3?\n\nCorrectly solve the original question."}
+    first = [{"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "add",
+              "arguments": {"a": 2, "b": 3}}}]}, {"role": "tool", "name": "add", "content": "5"}, {"role": "assistant", "content": "5"}]
+    assert samples[0].teacher_prompt_ids == chat_ids(tok, [*question, *first, again], tools=env.tools)
+    assert samples[2].teacher_prompt_ids == samples[0].teacher_prompt_ids  # shown the same sibling
+    # self excluded: the second success is shown the third's one-turn episode
+    assert samples[1].teacher_prompt_ids == chat_ids(tok, [*question, {"role": "assistant", "content": "5"}, again], tools=env.tools)
+    # the template renders the sibling's turns as the very ids it sampled, observations included
+    demo, prompt = groups[0][1].token_ids, samples[0].teacher_prompt_ids
+    assert any(prompt[i:i + len(demo)] == demo for i in range(len(prompt))), "the demonstration is not the sibling's own ids"
+    # no success in the group: the feedback goes into the reprompt as in the other forms
+    env = Adder()
+    groups = run_episodes(Script(tok, None, per_episode=[["7"], ["8"]]), tok, env, env.tasks("train"), sampling(tok, n=2), limits())
+    samples, _ = batch_of(tok, env, groups, episode_demonstration="turns")
+    assert "expected 5" in teacher_text(tok, samples[0]) and teacher_text(tok, samples[0]).count("<|im_start|>user") == 1
+
+
 # ---------------------------------------------------------------- the built-in tool task and the README's example
 
 def test_calculator_task_through_an_episode_and_the_warm_starts_call_format(tok):
