@@ -1,21 +1,22 @@
-"""A tiny Qwen2 warm-started to call the calculator tool, built locally.
+"""A tiny Qwen2 warm-started to call the calculator tool, and to be its own SDPO teacher, built locally.
 
 The task (environments/calculator.py) needs the ``add`` tool: the model must copy both numbers into
 a call in its chat template's format, then copy the tool's answer into its final answer. The warm
 start is supervised on whole successful episodes, loss on the model's two turns only, never on the
-observation. It stops as soon as held-out success of real episodes (sdpo/episodes.py, the model
-sampling every turn at temperature 1, as the trainer will) reaches ``TARGET_SUCCESS``: a model that
-calls the tool on nearly every task, well-formed, and gets some of them right, so RL has signal.
+observation, in two phases:
 
-Measured (seed 0, 2 shared cores): 450 steps, 167 s; held-out at T=1 well-formed calls 0.95, success
-0.45 (greedy: 1.00 / 0.55). Not yet solved: the SDPO teacher's view. Nothing here trains the teacher's
-format, and after the teacher prompt with a correct episode shown (``episode_demonstration: episode``)
-or only its final answer the model makes no tool call at all (0.00, ``with_demonstration_*`` in the
-build's metrics). Two ways of training the teacher's format failed (models/README.md): a quarter of
-each batch from step 0 kept the plain episodes' copying from forming, and a second phase after step
-450 (16 plain + 32 teacher-format episodes a step, 600 steps) taught the format but never the copying
-(success with a demonstration 0.00) while the student climbed to 0.94. Until one works SDPO on this
-model has a teacher worse than its student; GRPO does not need one.
+1. Plain episodes until held-out success of real episodes (sdpo/episodes.py, the model sampling
+   every turn at temperature 1, as the trainer will) reaches ``TARGET_SUCCESS``: a model that calls
+   the tool on nearly every task, well-formed, and gets some of them right, so RL has signal.
+2. ``TEACHER_STEPS`` of half plain, half teacher-format episodes: after the teacher prompt SDPO
+   builds with ``TEACHER_CONTEXT`` (``episode_demonstration: turns``: a correct episode as earlier
+   turns of the chat, then the question again; the recipe sets the same keys), the same correct
+   episode. A model copies from an earlier episode of its own form readily; shown the episode as
+   text in the user message it never learned to (models/README.md).
+
+Measured (seed 0, 2 shared cores): phase 1 stops at step 450 (held-out T=1: calls 0.95, success
+0.45); after phase 2 the student is at ~0.69 and the teacher at ~0.75 (T=1), and teacher-forced on
+correct episodes the teacher puts more probability on the copied digits than the student does.
 
     python -m models.tiny_calculator [--cache-dir DIR] [--force]
 """
@@ -30,15 +31,17 @@ import torch
 from transformers import Qwen2ForCausalLM
 
 from environments.calculator import Calculator, question, split_pairs
-from models.tiny_arithmetic import _loss_sum, sample, teacher_user_text
+from models.tiny_arithmetic import _loss_sum, sample
 from sdpo.chat import chat_ids
-from sdpo.episodes import Episode, EpisodeLimits, demonstration_text, observation_ids, run_episodes
+from sdpo.config import TeacherContextConfig
+from sdpo.episodes import Episode, EpisodeLimits, demonstration_turns, observation_ids, run_episodes
 from sdpo.rollout.base import Completion, Sampling
+from sdpo.teacher_context import build_teacher_contexts
 from sdpo.tiny.cache import cli, ensure_built
 from sdpo.tiny.model import tiny_model_config
 from sdpo.tiny.tokenizer import build_tokenizer
 
-MODEL_NAME = "tiny-calculator-v2"
+MODEL_NAME = "tiny-calculator-v3"
 SEED = 0
 LR = 3e-3  # digits leave chance (14%) at ~200 steps and reach 85% teacher-forced by 400 (seed 0)
 BATCH = 32
@@ -48,6 +51,13 @@ TARGET_SUCCESS = 0.25
 MAX_STEPS = 1200
 EVAL_SEED = 1234
 MAX_EPISODE_TOKENS = 160
+TEACHER_STEPS = 100  # teacher-forced digit log-prob passed the student's by step 50-100 (seed 0)
+TEACHER_LR = 1e-3
+# The teacher prompt of recipes/tools_cpu.yaml (tests/test_episodes.py checks they agree). The
+# question is repeated bare: with the default reprompt's closing sentence after it the teacher
+# still trailed the student after 150 steps.
+TEACHER_CONTEXT = TeacherContextConfig(episode_demonstration="turns", reprompt_template="{prompt}{solution}{feedback}",
+                                       include_environment_feedback=False)
 
 
 def call_text(a: int, b: int) -> str:
@@ -65,16 +75,25 @@ def _episode(tok, a: int, b: int) -> tuple[list[int], list[int]]:
 
 
 def _prompt(tok, a: int, b: int, teacher: bool = False) -> list[int]:
-    text = teacher_user_text(question(a, b), demonstration(a, b)) if teacher else question(a, b)
-    return chat_ids(tok, [{"role": "user", "content": text}], tools=Calculator.tools)
+    if teacher:
+        return teacher_prompt(tok, a, b)
+    return chat_ids(tok, [{"role": "user", "content": question(a, b)}], tools=Calculator.tools)
 
 
-def demonstration(a: int, b: int) -> str:
-    """A correct episode as the teacher is shown it (SPEC 2a, ``episode_demonstration: episode``)."""
-    episode = Episode([], messages=[{"role": "assistant", "content": "", "raw": call_text(a, b)},
-                                    {"role": "tool", "name": "add", "content": str(a + b)},
-                                    {"role": "assistant", "content": str(a + b), "raw": str(a + b)}])
-    return demonstration_text(episode, "episode")
+def demonstration_episode(a: int, b: int) -> Episode:
+    """A correct episode's messages, as sdpo/episodes.py records them (tool calls parsed)."""
+    return Episode([], messages=[{"role": "assistant", "content": "", "raw": call_text(a, b),
+                                  "tool_calls": [{"name": "add", "arguments": {"a": a, "b": b}}]},
+                                 {"role": "tool", "name": "add", "content": str(a + b)},
+                                 {"role": "assistant", "content": str(a + b), "raw": str(a + b)}])
+
+
+def teacher_prompt(tok, a: int, b: int) -> list[int]:
+    """The teacher prompt SDPO builds (sdpo/teacher_context.py, ``TEACHER_CONTEXT``) for a sample of
+    this task whose sibling's episode was correct."""
+    failed, _ = build_teacher_contexts([{"role": "user", "content": question(a, b)}], ["", ""], [0.0, 1.0], [None, None],
+                                       TEACHER_CONTEXT, turns=[[], demonstration_turns(demonstration_episode(a, b))])
+    return chat_ids(tok, failed.messages, tools=Calculator.tools)
 
 
 def _batch(tok, pairs, teacher: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,12 +131,11 @@ def rates(model, tok, with_demonstration: bool = False, temperature: float = 1.0
     model.eval()
     env = Calculator(limit_per_split=tasks)
     chosen = env.tasks("test")
-    if with_demonstration:
-        for t, (a, b) in zip(chosen, split_pairs("test")):
-            t.messages = [{"role": "user", "content": teacher_user_text(question(a, b), demonstration(a, b))}]
+    prompts = [teacher_prompt(tok, a, b) for a, b in split_pairs("test")[:tasks]] if with_demonstration else None
     sampling = Sampling(n=1, temperature=temperature, top_p=1.0, max_new_tokens=MAX_EPISODE_TOKENS,
                         stop_token_ids=(tok.eos_token_id,), seed=EVAL_SEED)
-    groups = run_episodes(_generate(model, tok), tok, env, chosen, sampling, EpisodeLimits(3, MAX_EPISODE_TOKENS, 10.0))
+    groups = run_episodes(_generate(model, tok), tok, env, chosen, sampling, EpisodeLimits(3, MAX_EPISODE_TOKENS, 10.0),
+                          prompts)
     model.train(was_training)
     episodes = [g[0] for g in groups]
     calls = [ep.messages[0].get("tool_calls") or [] for ep in episodes]
@@ -163,16 +181,39 @@ def _train(seed: int, max_steps: int, log):
             f"success {student['success']:.2f}, {time.perf_counter() - start:.0f}s")
         if student["success"] >= TARGET_SUCCESS:
             break
+    phase1_steps = step
+    # Phase 2: the teacher's view, half of each batch (teacher-format alone wiped out the student's
+    # episodes within 25 steps), with a fresh optimizer at a lower rate.
+    opt = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR)
+    half = BATCH // 2
+    for _ in range(TEACHER_STEPS):
+        picks = [train[i] for i in torch.randint(len(train), (BATCH,), generator=gen).tolist()]
+        plain, taught = _loss_sum(model, *_batch(tok, picks[:half])), _loss_sum(model, *_batch(tok, picks[half:], teacher=True))
+        loss = (plain[0] + taught[0]) / (plain[1] + taught[1])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if (step - phase1_steps) % EVAL_EVERY:
+            continue
+        student, teacher = rates(model, tok), rates(model, tok, with_demonstration=True)
+        history.append({"step": step, "loss": round(loss.item(), 4), "heldout_success_t1": student["success"],
+                        "heldout_calls_t1": student["calls"], "with_demonstration_success_t1": teacher["success"]})
+        log(f"[tiny] step {step} (teacher phase): loss {loss.item():.3f}, held-out (T=1) success {student['success']:.2f}, "
+            f"with a demonstration {teacher['success']:.2f}, {time.perf_counter() - start:.0f}s")
     teacher = rates(model, tok, with_demonstration=True)
     greedy = rates(model, tok, temperature=0.0)
     log(f"[tiny] with a demonstration (T=1): calls {teacher['calls']:.2f}, success {teacher['success']:.2f}; "
         f"greedy: calls {greedy['calls']:.2f}, success {greedy['success']:.2f}")
     model.eval()
-    metrics = {"name": MODEL_NAME, "seed": seed, "steps": step, "heldout_success_t1": student["success"],
+    metrics = {"name": MODEL_NAME, "seed": seed, "steps": step, "student_phase_steps": phase1_steps,
+               "heldout_success_t1": student["success"],
                "heldout_calls_t1": student["calls"], "with_demonstration_success_t1": teacher["success"],
                "with_demonstration_calls_t1": teacher["calls"], "heldout_success_greedy": greedy["success"],
                "heldout_calls_greedy": greedy["calls"], "eval_tasks": EVAL_TASKS, "history": history,
-               "recipe": {"lr": LR, "batch": BATCH, "target_success": TARGET_SUCCESS, "max_steps": max_steps},
+               "recipe": {"lr": LR, "batch": BATCH, "target_success": TARGET_SUCCESS, "max_steps": max_steps,
+                          "teacher_steps": TEACHER_STEPS, "teacher_lr": TEACHER_LR,
+                          "teacher_context": TEACHER_CONTEXT.model_dump()},
                "torch_version": torch.__version__, "seconds": round(time.perf_counter() - start, 1)}
     return model, tok, metrics
 

@@ -18,7 +18,7 @@ from environments.multi_turn import MultiTurnEnvironment, function_tool
 from sdpo.batch import build_batch
 from sdpo.chat import chat_ids
 from sdpo.config import TeacherContextConfig
-from sdpo.episodes import EpisodeLimits, demonstration_text, observation_ids, run_episodes
+from sdpo.episodes import EpisodeLimits, demonstration_text, demonstration_turns, observation_ids, run_episodes
 from sdpo.rollout.base import Completion, Sampling
 from sdpo.tiny.tokenizer import build_tokenizer
 from sdpo.tool_calls import ToolCallFormat
@@ -323,8 +323,9 @@ def test_calculator_task_through_an_episode_and_the_warm_starts_call_format(tok)
     import json
 
     from environments.calculator import Calculator
-    from models.tiny_calculator import _episode, demonstration
+    from models.tiny_calculator import TEACHER_CONTEXT, _episode, demonstration_episode, teacher_prompt
     from models.tiny_calculator import call_text as warm_call
+    from sdpo.recipe import load_config
 
     env = Calculator(limit_per_split=2)
     task = env.tasks("test")[0]
@@ -338,7 +339,13 @@ def test_calculator_task_through_an_episode_and_the_warm_starts_call_format(tok)
     assert ep.verdict.reward == 1.0
     ids, mask = _episode(tok, a, b)  # what the warm start trains on is what an episode holds
     assert (ids, mask) == (ep.token_ids, ep.loss_mask)
-    assert demonstration_text(ep, "episode") == demonstration(a, b)  # and the teacher's view it measures
+    # and its teacher phase trains on the teacher prompt the recipe's run builds from a real episode
+    recipe = load_config("recipes/tools_cpu.yaml", []).teacher_context
+    assert all(getattr(recipe, k) == v for k, v in TEACHER_CONTEXT.model_dump().items() if k in TEACHER_CONTEXT.model_fields_set)
+    assert demonstration_turns(ep) == demonstration_turns(demonstration_episode(a, b))
+    [[failed]] = run_episodes(Script(tok, ["12"]), tok, env, [task], sampling(tok), limits())
+    samples, _ = build_batch([task], [ep.prompt_ids], [[failed, ep]], [[failed.verdict, ep.verdict]], tok, recipe, tools=env.tools)
+    assert samples[0].teacher_prompt_ids == teacher_prompt(tok, a, b)
     [[wrong]] = run_episodes(Script(tok, ["12"]), tok, env, [task], sampling(tok), limits())
     assert wrong.verdict.reward == 0.0 and "add tool" in wrong.verdict.feedback
     [[broken]] = run_episodes(Script(tok, ['<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>']), tok, env,
