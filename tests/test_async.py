@@ -53,34 +53,26 @@ def test_no_sample_is_older_than_max_staleness(async_run):
     assert any(got[step]["rollout/staleness_mean"] > 0 for step in (2, 4, 6)), "nothing overlapped: not asynchronous"
 
 
-def test_a_resumed_async_run_continues_as_the_uninterrupted_one(async_run, tmp_path):
-    run_dir = tmp_path / "run"
+def test_a_resumed_async_run_and_a_replaced_learner_continue_as_the_uninterrupted_run(async_run, tmp_path):
+    """Stopped at checkpoint 2 and resumed; then a learner rank SIGKILLed after checkpoint 4 while the
+    rollout thread samples ahead: its in-flight batches are dropped and the learner group restarts
+    from checkpoint 4. Either way the run goes on from a barrier, as the uninterrupted one did."""
+    run_dir, killed = tmp_path / "run", []
     first = ["rollout.max_staleness=1", *SMALL, f"logging.run_dir={run_dir}"]
     train(load_config("recipes/quickstart.yaml", ["steps=2", *first]))  # stops at the checkpoint after step 2
-    train(load_config("recipes/quickstart.yaml", ["steps=4", *first]))  # resume: auto, from step 2
-    expected, got = rows(async_run), rows(run_dir)
-    assert sorted(got) == [1, 2, 3, 4]
-    # The batch after a checkpoint is sampled by the checkpoint's weights from the checkpoint's
-    # prompt position, whether or not the run stopped there: the same samples, loss and gradient.
-    assert got[3] == expected[3]
-    assert all(r["rollout/staleness_max"] <= 1 for r in got.values())
-
-
-def test_a_killed_learner_rank_is_replaced_in_an_async_run(async_run, tmp_path):
-    """A rank SIGKILLed after checkpoint 2 while the rollout thread samples ahead: the in-flight
-    batches are dropped, the learner group restarts from the checkpoint, and the run goes on from its
-    barrier as a resumed run would, within the staleness bound."""
-    run_dir, killed = tmp_path / "run", []
-    killer = threading.Thread(target=kill_a_learner_once_checkpointed, args=(run_dir, 2, killed), daemon=True)
+    killer = threading.Thread(target=kill_a_learner_once_checkpointed, args=(run_dir, 4, killed), daemon=True)
     killer.start()
-    train(load_config("recipes/quickstart.yaml", ["steps=4", "rollout.max_staleness=1", *SMALL, f"logging.run_dir={run_dir}"]))
+    train(load_config("recipes/quickstart.yaml", ["steps=6", *first]))  # resume: auto, from step 2
     killer.join(timeout=5)
     assert killed, "no learner process was found to kill"
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["learner/restarts"]) for r in lines if "learner/restarts" in r] == [(2, 1.0)]
-    got = rows(run_dir)
-    assert sorted(got) == [1, 2, 3, 4]  # the replayed steps are logged once
-    assert got[3] == rows(async_run)[3]  # sampled by checkpoint 2's weights from its prompt position
+    assert [(r["step"], r["learner/restarts"]) for r in lines if "learner/restarts" in r] == [(4, 1.0)]
+    expected, got = rows(async_run), rows(run_dir)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]  # each step logged once: the replayed ones replace nothing twice
+    # The batch after a checkpoint is sampled by the checkpoint's weights from the checkpoint's
+    # prompt position, whether the run stopped there, lost a learner there, or neither: the same
+    # samples, loss and gradient.
+    assert got[3] == expected[3] and got[5] == expected[5]
     assert all(r["rollout/staleness_max"] <= 1 for r in got.values())
 
 
