@@ -28,7 +28,7 @@ from environments import Environment, Task, Verdict, load_environment
 from environments.base import has_no_verdict, verdict_problem
 from sdpo.cluster import start_actor
 from sdpo.config import EnvironmentConfig
-from sdpo.episode_steps import start_all, step_all
+from sdpo.episode_steps import no_verdict, start_all, step_all
 
 # How long past environment.tool_timeout_s a verifier may take to answer a round of episode steps
 # (its own deadline has passed by then) before it counts as stuck and is restarted.
@@ -44,8 +44,7 @@ class VerifierFailing(RuntimeError):
     and teaches nothing, so going on would only look like a healthy run."""
 
 
-def failed(message: str, kind: str) -> Verdict:
-    return Verdict(reward=0.0, feedback=None, info={"verifier_failure": kind, "verifier_error": message})
+failed = no_verdict  # reward 0, no feedback, the failure's kind and message in info
 
 
 class EnvWorker:

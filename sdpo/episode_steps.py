@@ -30,7 +30,8 @@ def ended(feedback: str, why: str) -> Verdict:
 
 
 def no_verdict(error: str, kind: str) -> Verdict:
-    """The environment failed, not the model: reward 0, no feedback (as ``env_pool.failed``)."""
+    """The environment failed, not the model: reward 0, no feedback (what sdpo/env_pool.py scores any
+    verifier failure)."""
     return Verdict(0.0, feedback=None, info={"verifier_failure": kind, "verifier_error": error})
 
 
