@@ -50,10 +50,11 @@ def main(paths: list[str]) -> None:
     for r in runs:
         phases = " / ".join("-" if v != v else f"{v:.2f}" for v in r["phases"].values())
         curve = " ".join(f"{s}:{v:.3f}" for s, v in r["success_t"].items())
-        greedy = list(r["success_greedy"].values())[-1]
+        greedy = list(r["success_greedy"].values())[-1]  # None: the recipe evaluates at T=1 only
+        greedy = "-" if greedy is None else f"{greedy:.3f}"
         stale = " / ".join(f"{v:.2f}" for v in r["staleness"].values())
         print(f"| {r['run']} | {r['k']} | {r['step_s']:.2f} | {r['total_s']:.0f} | {phases} | {curve} | "
-              f"{greedy:.3f} | {stale} (max {r['staleness_max']:.0f}) | {r['is_weight_mean']:.4f} ({r['is_weight_min']:.4f}) | "
+              f"{greedy} | {stale} (max {r['staleness_max']:.0f}) | {r['is_weight_mean']:.4f} ({r['is_weight_min']:.4f}) | "
               f"{r['logp_gap']:.1e} |")
     means(runs)
 
@@ -74,7 +75,7 @@ def means(runs: list[dict]) -> None:
         steps = sorted(set.intersection(*(set(r["success_t"]) for r in group)))
         curve = " ".join(f"{s}:{statistics.mean(r['success_t'][s] for r in group):.3f}" for s in steps)
         final = [r["success_t"][steps[-1]] for r in group]
-        greedy = [list(r["success_greedy"].values())[-1] for r in group]
+        greedy = [g for g in (list(r["success_greedy"].values())[-1] for r in group) if g is not None] or [float("nan")]
         seeds = ", ".join(str(r["seed"]) for r in group)
         print(f"| {k} | {seeds} | {curve} | {statistics.mean(final):.3f} ({min(final):.3f} - {max(final):.3f}) | "
               f"{statistics.mean(greedy):.3f} ({min(greedy):.3f} - {max(greedy):.3f}) | "
