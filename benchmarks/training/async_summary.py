@@ -75,10 +75,10 @@ def means(runs: list[dict]) -> None:
         steps = sorted(set.intersection(*(set(r["success_t"]) for r in group)))
         curve = " ".join(f"{s}:{statistics.mean(r['success_t'][s] for r in group):.3f}" for s in steps)
         final = [r["success_t"][steps[-1]] for r in group]
-        greedy = [g for g in (list(r["success_greedy"].values())[-1] for r in group) if g is not None] or [float("nan")]
+        greedy = [g for g in (list(r["success_greedy"].values())[-1] for r in group) if g is not None]
         seeds = ", ".join(str(r["seed"]) for r in group)
         print(f"| {k} | {seeds} | {curve} | {statistics.mean(final):.3f} ({min(final):.3f} - {max(final):.3f}) | "
-              f"{statistics.mean(greedy):.3f} ({min(greedy):.3f} - {max(greedy):.3f}) | "
+              f"{f'{statistics.mean(greedy):.3f} ({min(greedy):.3f} - {max(greedy):.3f})' if greedy else '-'} | "
               f"{statistics.mean(r['step_s'] for r in group):.2f} | {statistics.mean(r['total_s'] for r in group):.0f} |")
 
 
