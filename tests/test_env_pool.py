@@ -1,6 +1,7 @@
 """The verifier pool on real Ray actors: failures of every kind become reward 0 with no feedback (a
 verifier's error is never teacher feedback) and are counted, the pool goes on until the verifier fails
-on a whole round, groups reach the group hook whole, async verifiers work."""
+on a whole round, groups reach the group hook whole, async verifiers work, and multi-turn episodes
+step in the verifier processes with their failures contained (SPEC 2a)."""
 
 import json
 import math
