@@ -181,7 +181,7 @@ def _train(seed: int, max_steps: int, log):
             f"success {student['success']:.2f}, {time.perf_counter() - start:.0f}s")
         if student["success"] >= TARGET_SUCCESS:
             break
-    phase1_steps = step
+    phase1_steps, teacher = step, None
     # Phase 2: the teacher's view, half of each batch (teacher-format alone wiped out the student's
     # episodes within 25 steps), with a fresh optimizer at a lower rate.
     opt = torch.optim.AdamW(model.parameters(), lr=TEACHER_LR)
@@ -201,7 +201,8 @@ def _train(seed: int, max_steps: int, log):
                         "heldout_calls_t1": student["calls"], "with_demonstration_success_t1": teacher["success"]})
         log(f"[tiny] step {step} (teacher phase): loss {loss.item():.3f}, held-out (T=1) success {student['success']:.2f}, "
             f"with a demonstration {teacher['success']:.2f}, {time.perf_counter() - start:.0f}s")
-    teacher = rates(model, tok, with_demonstration=True)
+    if teacher is None or (step - phase1_steps) % EVAL_EVERY:  # else the last evaluation above is this one
+        teacher = rates(model, tok, with_demonstration=True)
     greedy = rates(model, tok, temperature=0.0)
     log(f"[tiny] with a demonstration (T=1): calls {teacher['calls']:.2f}, success {teacher['success']:.2f}; "
         f"greedy: calls {greedy['calls']:.2f}, success {greedy['success']:.2f}")

@@ -94,7 +94,9 @@ def build_teacher_contexts(
     for i in range(n):
         j = _demonstration_index(i, successes, cfg.dont_reprompt_on_self_success) if source != "dataset" else None
         demo = completions[j] if j is not None else offline
-        demo_turns = [dict(m) for m in turns[j]] if turns is not None and j is not None else None
+        demo_turns = None if turns is None or j is None else [  # copies: contexts never share a message
+            {**m, "content": remove_thinking(m["content"])} if cfg.remove_thinking_from_demonstration
+            and m.get("role") == "assistant" else dict(m) for m in turns[j]]
         if demo is not None and cfg.remove_thinking_from_demonstration:
             demo = remove_thinking(demo)
         has_solution = demo is not None
@@ -117,9 +119,6 @@ def build_teacher_contexts(
                     prompt=prompt, solution=solution, feedback=feedback
                 )
             else:  # the demonstration as the conversation's next turns, then the question again
-                if cfg.remove_thinking_from_demonstration:
-                    demo_turns = [{**m, "content": remove_thinking(m["content"])} if m.get("role") == "assistant" else m
-                                  for m in demo_turns]
                 again = {**messages[last_user], "content": cfg.reprompt_template.format(prompt=prompt, solution="", feedback=feedback)}
                 teacher_messages[last_user + 1:last_user + 1] = [*demo_turns, again]
         contexts.append(
