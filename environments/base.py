@@ -38,7 +38,9 @@ REWARD_RANGE = (0.0, 1.0)
 class Verdict:
     """What ``verify`` returns. ``reward`` is a finite number in [0, 1] (``teacher_context.success_threshold``
     and the evaluation compare against it); ``feedback`` is text for the teacher or None; ``info`` is
-    free-form. A Verdict that breaks these rules raises ValueError where it is made, so the mistake
+    free-form, except ``info["metrics"]``: {name: finite number} the run averages over the samples that
+    report it and logs as ``env/<name>`` each step and ``eval/<name>_<mode>`` at evaluations (partial
+    credit that the 0/1 reward hides, e.g. the fraction of fields right). A Verdict that breaks these rules raises ValueError where it is made, so the mistake
     shows in the verifier that made it (the run counts it as a verifier failure)."""
 
     reward: float
@@ -75,6 +77,13 @@ def verdict_problem(verdict: Any) -> str | None:
         return f"Verdict.feedback must be a string or None, got {type(verdict.feedback).__name__} ({verdict.feedback!r:.80})"
     if not isinstance(verdict.info, dict):
         return f"Verdict.info must be a dict, got {type(verdict.info).__name__}"
+    metrics = verdict.info.get("metrics", {})
+    if not isinstance(metrics, dict):
+        return f"Verdict.info['metrics'] must be a dict of name -> number, got {type(metrics).__name__}"
+    for name, value in metrics.items():
+        if not isinstance(name, str) or not isinstance(value, numbers.Real) or isinstance(value, bool) \
+                or not math.isfinite(value):
+            return f"Verdict.info['metrics'] must map names to finite numbers, got {name!r}: {value!r:.80}"
     return None
 
 

@@ -85,6 +85,12 @@ def parse_fields(text: str, fields: int) -> list[int] | None:
     return [int(p) for p in parts]
 
 
+def field_accuracy(completion: str, expected: list[int]) -> float:
+    """The fraction of fields right; 0 for an answer that is not ``len(expected)`` two-digit numbers."""
+    got = parse_fields(completion, len(expected))
+    return 0.0 if got is None else sum(g == e for g, e in zip(got, expected)) / len(expected)
+
+
 def feedback_text(completion: str, expected: list[int], reveal: int) -> str:
     """The judge's text for a wrong ``completion`` (assumed wrong: the caller checks success)."""
     got = parse_fields(completion, len(expected))
@@ -116,8 +122,11 @@ class PairSums(Environment):
     def verify(self, task: Task, completion: str) -> Verdict:
         expected = task.data["answer"]
         answer = strip_thinking(completion)  # thinking is never judged (environments/answers.py)
+        # partial progress that the all-or-nothing reward hides (logged as env/field_accuracy)
+        metrics = {"field_accuracy": field_accuracy(answer, [int(x) for x in expected.split(" ")])}
         if answer.strip() and answer.strip() == expected:
-            return Verdict(reward=1.0)
+            return Verdict(reward=1.0, info={"metrics": metrics})
         if not self.feedback:
-            return Verdict(reward=0.0)
-        return Verdict(reward=0.0, feedback=feedback_text(answer, [int(x) for x in expected.split(" ")], self.reveal))
+            return Verdict(reward=0.0, info={"metrics": metrics})
+        return Verdict(reward=0.0, feedback=feedback_text(answer, [int(x) for x in expected.split(" ")], self.reveal),
+                       info={"metrics": metrics})

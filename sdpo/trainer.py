@@ -279,6 +279,7 @@ class Run:
         for name, temperature, n in modes:
             rollouts = self.sample_and_verify(self.eval_tasks, n, temperature, seed=10_000_019 + cfg.seed)
             results[f"eval/success_{name}"] = rollouts.success_frac(cfg.teacher_context.success_threshold)
+            results.update(env_metrics(rollouts.verdicts, "eval/{}_" + name))
         self.log.log(step, results)
         return results
 
@@ -470,7 +471,18 @@ def rollout_stats(rollouts: Rollouts, cfg: Config, step: int) -> dict[str, float
         "rollout/response_tokens_mean": sum(lengths) / len(lengths),
         "verify/failures": float(failures),
         **episode_stats(rollouts),
+        **env_metrics(rollouts.verdicts, "env/{}"),
     }
+
+
+def env_metrics(verdicts: list[Verdict], key: str) -> dict[str, float]:
+    """The environment's own per-sample numbers (``Verdict.info["metrics"]``), each averaged over the
+    samples that report it, under ``key.format(name)``."""
+    values: dict[str, list[float]] = {}
+    for v in verdicts:
+        for name, value in v.info.get("metrics", {}).items():
+            values.setdefault(name, []).append(float(value))
+    return {key.format(name): sum(vs) / len(vs) for name, vs in sorted(values.items())}
 
 
 def episode_stats(rollouts: Rollouts) -> dict[str, float]:

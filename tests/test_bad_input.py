@@ -427,7 +427,10 @@ def test_a_verdict_is_checked_where_it_is_made():
                          ({"reward": "1"}, "must be a number in [0, 1], got str"),
                          ({"reward": None}, "got NoneType"),
                          ({"reward": 0.0, "feedback": 3}, "feedback must be a string or None, got int"),
-                         ({"reward": 0.0, "info": []}, "info must be a dict")]:
+                         ({"reward": 0.0, "info": []}, "info must be a dict"),
+                         ({"reward": 0.0, "info": {"metrics": [0.5]}}, "info['metrics'] must be a dict"),
+                         ({"reward": 0.0, "info": {"metrics": {"acc": float("inf")}}}, "'acc': inf"),
+                         ({"reward": 0.0, "info": {"metrics": {"acc": "0.5"}}}, "'acc': '0.5'")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             Verdict(**bad)
 

@@ -83,6 +83,23 @@ def test_malformed_answer_gets_format_feedback():
     assert len(long.feedback) < 200  # the quote is cut
 
 
+def test_field_accuracy_is_reported_for_every_verdict():
+    """Partial progress under the all-or-nothing reward: the fraction of fields right, logged by the
+    run as env/field_accuracy (sdpo.trainer.env_metrics averages it over the samples)."""
+    from sdpo.trainer import env_metrics
+
+    env, task = PairSums(reveal=2), _make(TASK_PAIRS)
+    verdicts = [env.verify(task, a) for a in ("08 15 04 13", "08 14 04 12", "8 15 4 13")]
+    verdicts.append(PairSums(feedback=False).verify(task, "08 15 05 13"))
+    assert [v.info["metrics"]["field_accuracy"] for v in verdicts] == [1.0, 0.5, 0.0, 0.75]
+    assert env_metrics(verdicts, "env/{}") == {"env/field_accuracy": 2.25 / 4}
+    # samples without the metric (a verifier failure's verdict) are left out of the mean, not counted as 0
+    from environments import Verdict
+
+    assert env_metrics(verdicts[:2] + [Verdict(0.0, info={"verifier_failure": "error"})], "eval/{}_t") == \
+        {"eval/field_accuracy_t": 0.75}
+
+
 def test_no_feedback_mode():
     v = PairSums(feedback=False).verify(_make(TASK_PAIRS), "08 14 04 13")
     assert v.reward == 0.0 and v.feedback is None
