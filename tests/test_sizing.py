@@ -1,4 +1,4 @@
-"""Size-based defaults (sdpo/sizing.py) and the one-rank weight export (sdpo/learner/single_rank.py)."""
+"""Size-based defaults (sdpo/sizing.py) and the one-rank weight export (sdpo/learner/full_state.py)."""
 
 import socket
 
@@ -84,7 +84,7 @@ def test_one_rank_export_equals_the_full_state_dict(model_path):
     worker = LearnerWorker(0, 1, cfg.model_dump_json(), path)
     worker.setup("127.0.0.1", port)
     try:
-        from sdpo.learner.single_rank import local_full_state
+        from sdpo.learner.full_state import local_full_state
 
         with torch.no_grad():  # weights that differ from the checkpoint's, as after a step
             for p in worker.student.parameters():
@@ -97,3 +97,55 @@ def test_one_rank_export_equals_the_full_state_dict(model_path):
     finally:
         worker.shutdown()
         assert not dist.is_initialized()
+
+
+def _gather_on_ranks(rank: int, world_size: int, port: int, queue) -> None:
+    """One rank of test_one_gather_is_the_per_tensor_gather: a tiny tied Qwen2 under FSDP2 on gloo."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from sdpo.learner.full_state import full_state
+    from sdpo.learner.model import shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        # 37 vocabulary rows split 19/18 (uneven shards), and the tied lm_head under its own name too
+        config = Qwen2Config(vocab_size=37, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, head_dim=8, intermediate_size=24, tie_word_embeddings=True)
+        model = shard(Qwen2ForCausalLM(config), init_device_mesh("cpu", (world_size,)), "no")
+        with torch.no_grad():  # every element distinct, so a misplaced row cannot pass
+            for i, p in enumerate(model.parameters()):
+                p.to_local().copy_(torch.randn_like(p.to_local()) + 10 * i)
+        ours = full_state(model, rank, world_size)
+        reference = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            queue.put((list(ours), list(reference),
+                       [name for name in reference if not torch.equal(ours[name], reference[name])]))
+        else:
+            queue.put(ours)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_gather_is_the_per_tensor_gather():
+    """sdpo/learner/full_state.py: the weight push's single gather gives torch's full state dict
+    exactly, on 2 ranks with uneven shards and tied embeddings; the other rank gets None."""
+    import multiprocessing
+
+    from tests.conftest import free_ports
+
+    context = multiprocessing.get_context("spawn")
+    queue, (port,) = context.Queue(), free_ports(1)
+    ranks = [context.Process(target=_gather_on_ranks, args=(r, 2, port, queue)) for r in range(2)]
+    for p in ranks:
+        p.start()
+    results = [queue.get(timeout=120) for _ in ranks]
+    for p in ranks:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    (ours, reference, differ), = [r for r in results if r is not None]
+    assert results.count(None) == 1
+    assert ours == reference and "lm_head.weight" in ours and not differ

@@ -30,7 +30,7 @@ from sdpo.learner.model import lm_head_weight, load_sharded, pick_attention, res
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
 from sdpo.learner.packing import PACKED_SDPA
 from sdpo.learner.schedule import make_scheduler
-from sdpo.learner.single_rank import local_full_state
+from sdpo.learner.full_state import full_state
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.placement import rollout_torch_dtype
 from sdpo.weight_sync.adapters import adapter_payload, write_adapter_folder
@@ -319,10 +319,7 @@ class LearnerWorker:
         if self.lora is not None and (not teacher or self.teacher_adapters is not None):
             with self._as_teacher(teacher):
                 return self._merged_state()
-        model = self.teacher if teacher else self.student
-        if self.world_size == 1:  # one rank: its shards are whole, nothing to gather
-            return local_full_state(model)
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return full_state(self.teacher if teacher else self.student, self.rank, self.world_size)
 
     def join_weight_group(self, backend: str, addr: str, port: int, world_size: int) -> None:
         """Rank 0 joins the engines' broadcast group (nccl transport); the others only gather."""
