@@ -40,8 +40,9 @@ class Verdict:
     and the evaluation compare against it); ``feedback`` is text for the teacher or None; ``info`` is
     free-form, except ``info["metrics"]``: {name: finite number} the run averages over the samples that
     report it and logs as ``env/<name>`` each step and ``eval/<name>_<mode>`` at evaluations (partial
-    credit that the 0/1 reward hides, e.g. the fraction of fields right). A Verdict that breaks these rules raises ValueError where it is made, so the mistake
-    shows in the verifier that made it (the run counts it as a verifier failure)."""
+    credit that the 0/1 reward hides, e.g. the fraction of fields right). A Verdict that breaks these
+    rules raises ValueError where it is made, so the mistake shows in the verifier that made it (the
+    run counts it as a verifier failure)."""
 
     reward: float
     feedback: str | None = None

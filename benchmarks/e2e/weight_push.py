@@ -41,7 +41,7 @@ def main() -> None:
     from sdpo.learner.worker import LearnerWorker
     from sdpo.models import resolve_model_path
     from sdpo.recipe import load_config
-    from sdpo.rollout.weights import write_weights
+    from sdpo.weight_sync.files import write_weights
 
     model = resolve_model_path(a.model or "tiny-arithmetic")
     cfg = load_config(None, ["learner.world_size=1", "learner.torch_threads_per_rank=2", "prompts_per_step=1",

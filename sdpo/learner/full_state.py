@@ -77,9 +77,11 @@ def full_state(model: torch.nn.Module, rank: int, world_size: int) -> dict[str, 
 
 
 def _one_gather_works(tensors: list[torch.Tensor], world_size: int) -> bool:
-    """CPU tensors of one dtype, every DTensor sharded on dim 0 over all ranks: decided from what every
-    rank sees alike, so all ranks take the same path."""
-    if len({t.dtype for t in tensors}) != 1 or any(t.device.type != "cpu" for t in tensors):
+    """CPU tensors of one dtype on a gloo group (an NCCL group cannot move host tensors: a GPU run's
+    offloaded teacher), every DTensor sharded on dim 0 over all ranks: decided from what every rank
+    sees alike, so all ranks take the same path."""
+    if dist.get_backend() != "gloo" or len({t.dtype for t in tensors}) != 1 or \
+            any(t.device.type != "cpu" for t in tensors):
         return False
     for t in tensors:
         if isinstance(t, DTensor) and (tuple(t.placements) != (Shard(0),) or t.device_mesh.size() != world_size):

@@ -24,13 +24,13 @@ from torch.distributed.tensor import DTensor
 
 from sdpo.batch import TrainSample
 from sdpo.config import Config
+from sdpo.learner.full_state import full_state
 from sdpo.learner.lora import TeacherAdapters, adapter_state, merged_full_tensors
 from sdpo.learner.micro_batches import shares_prompts
 from sdpo.learner.model import lm_head_weight, load_sharded, pick_attention, response_hidden, response_logits
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
 from sdpo.learner.packing import PACKED_SDPA
 from sdpo.learner.schedule import make_scheduler
-from sdpo.learner.full_state import full_state
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.placement import rollout_torch_dtype
 from sdpo.weight_sync.adapters import adapter_payload, write_adapter_folder
