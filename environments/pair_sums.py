@@ -86,9 +86,11 @@ def parse_fields(text: str, fields: int) -> list[int] | None:
 
 
 def field_accuracy(completion: str, expected: list[int]) -> float:
-    """The fraction of fields right; 0 for an answer that is not ``len(expected)`` two-digit numbers."""
-    got = parse_fields(completion, len(expected))
-    return 0.0 if got is None else sum(g == e for g, e in zip(got, expected)) / len(expected)
+    """The fraction of the question's fields whose place in the answer holds the right two-digit sum,
+    counted position by position, so that an answer with too few or too many fields (a model
+    warm-started on fewer fields) still shows what it got right."""
+    got = completion.strip().split(" ")
+    return sum(i < len(got) and got[i] == f"{e:02d}" for i, e in enumerate(expected)) / len(expected)
 
 
 def feedback_text(completion: str, expected: list[int], reveal: int) -> str:

@@ -89,10 +89,11 @@ def test_field_accuracy_is_reported_for_every_verdict():
     from sdpo.trainer import env_metrics
 
     env, task = PairSums(reveal=2), _make(TASK_PAIRS)
-    verdicts = [env.verify(task, a) for a in ("08 15 04 13", "08 14 04 12", "8 15 4 13")]
+    verdicts = [env.verify(task, a) for a in ("08 15 04 13", "08 14 04 12", "8 15 4 13", "08 15", "08 15 04 13 00")]
     verdicts.append(PairSums(feedback=False).verify(task, "08 15 05 13"))
-    assert [v.info["metrics"]["field_accuracy"] for v in verdicts] == [1.0, 0.5, 0.0, 0.75]
-    assert env_metrics(verdicts, "env/{}") == {"env/field_accuracy": 2.25 / 4}
+    # position by position: too few or too many fields still count the ones in place
+    assert [v.info["metrics"]["field_accuracy"] for v in verdicts] == [1.0, 0.5, 0.5, 0.5, 1.0, 0.75]
+    assert env_metrics(verdicts, "env/{}") == {"env/field_accuracy": 4.25 / 6}
     # samples without the metric (a verifier failure's verdict) are left out of the mean, not counted as 0
     from environments import Verdict
 
