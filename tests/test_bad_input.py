@@ -386,13 +386,14 @@ def test_a_teacher_prompt_budget_past_the_models_positions():
 
 
 def test_one_sample_per_prompt_without_any_teacher_signal():
-    assert_rejected(run_cli(QUICKSTART, "rollout.samples_per_prompt=1"),
+    assert_rejected(run_cli(QUICKSTART, "rollout.samples_per_prompt=1", "loss.objective=sdpo"),
                     "rollout.samples_per_prompt=1 with loss.objective=sdpo",
                     "gave no feedback for a wrong answer")
 
 
 def test_one_sample_per_prompt_with_feedback_is_a_warning(capsys):
-    cfg = load_config(ROOT / QUICKSTART, ["rollout.samples_per_prompt=1", "environment.kwargs={feedback: true}"])
+    cfg = load_config(ROOT / QUICKSTART, ["rollout.samples_per_prompt=1", "loss.objective=sdpo",
+                                          "environment.kwargs={feedback: true}"])
     preflight(cfg)
     assert "warning: rollout.samples_per_prompt=1 with loss.objective=sdpo: the teacher learns only from environment feedback" \
         in capsys.readouterr().err
