@@ -124,11 +124,11 @@ class PairSums(Environment):
     def verify(self, task: Task, completion: str) -> Verdict:
         expected = task.data["answer"]
         answer = strip_thinking(completion)  # thinking is never judged (environments/answers.py)
+        fields = [int(x) for x in expected.split(" ")]
         # partial progress that the all-or-nothing reward hides (logged as env/field_accuracy)
-        metrics = {"field_accuracy": field_accuracy(answer, [int(x) for x in expected.split(" ")])}
+        info = {"metrics": {"field_accuracy": field_accuracy(answer, fields)}}
         if answer.strip() and answer.strip() == expected:
-            return Verdict(reward=1.0, info={"metrics": metrics})
+            return Verdict(reward=1.0, info=info)
         if not self.feedback:
-            return Verdict(reward=0.0, info={"metrics": metrics})
-        return Verdict(reward=0.0, feedback=feedback_text(answer, [int(x) for x in expected.split(" ")], self.reveal),
-                       info={"metrics": metrics})
+            return Verdict(reward=0.0, info=info)
+        return Verdict(reward=0.0, feedback=feedback_text(answer, fields, self.reveal), info=info)
