@@ -2,7 +2,7 @@
 
 torch's `get_model_state_dict(full_state_dict=True)` gathers tensor by tensor, one collective per
 parameter. On CPU over gloo each costs a round trip whatever its size, so a 0.6M-parameter model
-spent tens of ms of a ~450 ms quickstart step there (benchmarks/RESULTS.md, "Weight sync"). Here
+spent tens of ms of a ~450 ms quickstart step there (benchmarks/RESULTS.md, "Weight sync as a share of the step"). Here
 every rank packs its shards into one flat buffer and rank 0 receives them all in one `gather`, then
 cuts the buffers back into tensors. One rank: the shards are the tensors, nothing moves.
 
