@@ -1,4 +1,5 @@
-"""Size-based defaults (sdpo/sizing.py) and the one-rank weight export (sdpo/learner/full_state.py)."""
+"""Size-based defaults (sdpo/sizing.py) and the learner's full-weights export for a weight push
+(sdpo/learner/full_state.py: one rank, and the single gather of several)."""
 
 import socket
 
@@ -130,6 +131,7 @@ def _gather_on_ranks(rank: int, world_size: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 def test_one_gather_is_the_per_tensor_gather():
     """sdpo/learner/full_state.py: the weight push's single gather gives torch's full state dict
     exactly, on 2 ranks with uneven shards and tied embeddings; the other rank gets None."""
@@ -140,12 +142,18 @@ def test_one_gather_is_the_per_tensor_gather():
     context = multiprocessing.get_context("spawn")
     queue, (port,) = context.Queue(), free_ports(1)
     ranks = [context.Process(target=_gather_on_ranks, args=(r, 2, port, queue)) for r in range(2)]
-    for p in ranks:
-        p.start()
-    results = [queue.get(timeout=120) for _ in ranks]
-    for p in ranks:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    try:
+        for p in ranks:
+            p.start()
+        results = [queue.get(timeout=120) for _ in ranks]
+        for p in ranks:
+            p.join(timeout=30)
+            assert p.exitcode == 0
+    finally:
+        for p in ranks:  # a rank left waiting in the gather when the other failed
+            if p.is_alive():
+                p.kill()
+                p.join()
     (ours, reference, differ), = [r for r in results if r is not None]
     assert results.count(None) == 1
     assert ours == reference and "lm_head.weight" in ours and not differ
