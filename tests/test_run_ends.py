@@ -51,7 +51,15 @@ def start(run_dir: Path, script: str | None = None) -> subprocess.Popen:
     # A session of its own: SIGINT to its group is what Ctrl-C in a terminal sends. Output to a file
     # (a pipe nobody reads while the run goes could fill and block it).
     log = open(f"{run_dir}.log", "w")
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
+
+
+def _ctrl_c_as_in_a_terminal() -> None:
+    # A suite started in the background (`pytest ... &` in a script) inherits SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt: the run would rightly go on, as a background job
+    # should. The run under test gets SIGINT as a terminal's foreground job has it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def output(run_dir: Path) -> str:
