@@ -37,6 +37,30 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
+def run_on_ranks(target, world_size: int, *args, timeout_s: float = 300) -> list:
+    """``target(rank, world_size, port, *args, queue)`` in ``world_size`` spawned processes (the ranks
+    of one gloo group on ``port``); returns the one item each puts on ``queue``, in arrival order.
+    No rank is left alive, even one still waiting in a collective when another failed."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue, (port,) = context.Queue(), free_ports(1)
+    ranks = [context.Process(target=target, args=(r, world_size, port, *args, queue)) for r in range(world_size)]
+    try:
+        for p in ranks:
+            p.start()
+        results = [queue.get(timeout=timeout_s) for _ in ranks]
+        for p in ranks:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+    finally:
+        for p in ranks:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return results
+
+
 def save_tiny_qwen2(path, config) -> str:
     """A random fp32 Qwen2 saved as a Hugging Face folder (seed 0: the same weights every run)."""
     from transformers import Qwen2ForCausalLM

@@ -12,7 +12,6 @@ import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 pytestmark = pytest.mark.integration
 
@@ -66,18 +65,9 @@ def _reset_peak_rss_kib() -> int:
 
 
 def _load_both_ranks(path: str, way: str) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(rank, 2, port, path, way, results)) for rank in range(2)]
-    for p in procs:
-        p.start()
-    got = [results.get(timeout=300) for _ in procs]
-    for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
+    from tests.conftest import run_on_ranks
+
+    got = run_on_ranks(_rank, 2, path, way)
     return {rank: dict(grew_kib=grew, peak_kib=peak, logits=logits, teacher=teacher)
             for _, rank, grew, peak, logits, teacher in got}
 

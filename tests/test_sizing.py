@@ -135,25 +135,9 @@ def _gather_on_ranks(rank: int, world_size: int, port: int, queue) -> None:
 def test_one_gather_is_the_per_tensor_gather():
     """sdpo/learner/full_state.py: the weight push's single gather gives torch's full state dict
     exactly, on 2 ranks with uneven shards and tied embeddings; the other rank gets None."""
-    import multiprocessing
+    from tests.conftest import run_on_ranks
 
-    from tests.conftest import free_ports
-
-    context = multiprocessing.get_context("spawn")
-    queue, (port,) = context.Queue(), free_ports(1)
-    ranks = [context.Process(target=_gather_on_ranks, args=(r, 2, port, queue)) for r in range(2)]
-    try:
-        for p in ranks:
-            p.start()
-        results = [queue.get(timeout=120) for _ in ranks]
-        for p in ranks:
-            p.join(timeout=30)
-            assert p.exitcode == 0
-    finally:
-        for p in ranks:  # a rank left waiting in the gather when the other failed
-            if p.is_alive():
-                p.kill()
-                p.join()
+    results = run_on_ranks(_gather_on_ranks, 2, timeout_s=120)
     (ours, reference, differ), = [r for r in results if r is not None]
     assert results.count(None) == 1
     assert ours == reference and "lm_head.weight" in ours and not differ
