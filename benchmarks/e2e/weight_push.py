@@ -1,8 +1,8 @@
 """What a CPU weight push costs, piece by piece, in one process (no Ray): the learner's full-state
 gather, the safetensors write to /dev/shm, the file read, and vLLM-CPU's reload of the weights
-(with its GEMM repacking), against a reload from tensors already in memory, and what share of that
-reload goes to rebuilding vLLM-CPU's oneDNN GEMM handles and to tensor copies (from a cProfile of
-the same reload, applied to the unprofiled median).
+(with its GEMM repacking) both ways: in place (our default on CPU) and through vLLM's layer-wise
+reload; and what share of each goes to rebuilding vLLM-CPU's oneDNN GEMM handles and to tensor
+copies (from a cProfile of the same load, applied to the unprofiled median).
 
     python benchmarks/e2e/weight_push.py [MODEL_DIR] --repeat 10
 """
@@ -71,29 +71,24 @@ def main() -> None:
     from sdpo.rollout.vllm_engine import VLLMEngine
 
     engine = VLLMEngine(model)
-    rows["engine load_weights(file)"], _ = timed(lambda: engine.load_weights(path), a.repeat)
-    tensors = read()
-
-    def reload_in_memory(worker_self):
-        worker_self.reload_weights(weights_iterator=iter(tensors.items()), is_checkpoint_format=True)
-        worker_self._sdpo_retie_lm_head()
-
-    rows["engine reload from memory"], _ = timed(lambda: engine.llm.collective_rpc(reload_in_memory), a.repeat)
+    for way, in_place in (("in place", None), ("vLLM layer-wise", False)):
+        row = f"engine load from the file, {way}"
+        rows[row], _ = timed(lambda: engine.llm.collective_rpc("sdpo_reload_weights", args=(path, in_place)), a.repeat)
+        for what, share in engine.llm.collective_rpc(_reload_shares, args=(path, in_place, a.repeat))[0].items():
+            rows[f"  {way}: {what} ({share:.0%})"] = share * rows[row]
     rows["engine reset_prefix_cache"], _ = timed(lambda: engine.llm.reset_prefix_cache(), a.repeat)
-    shares = engine.llm.collective_rpc(_reload_shares, args=(path, a.repeat))[0]
-    for what, share in shares.items():
-        rows[f"  of the file load: {what} ({share:.0%})"] = share * rows["engine load_weights(file)"]
+    rows["engine.load_weights (in place + reset, the sync's call)"], _ = timed(lambda: engine.load_weights(path), a.repeat)
     engine.close()
     bytes_ = os.path.getsize(path)
     print(f"model {model}: {params / 1e6:.2f}M params, file {bytes_ / 1e6:.2f} MB; medians of {a.repeat}")
     for k, v in rows.items():
-        print(f"{k:<52}{v:>9.2f} ms")
+        print(f"{k:<60}{v:>9.2f} ms")
     import shutil
 
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def _reload_shares(worker_self, path: str, repeat: int) -> dict:
+def _reload_shares(worker_self, path: str, in_place: bool | None, repeat: int) -> dict:
     """Runs inside the vLLM worker: the share of `sdpo_reload_weights` spent in each named C call."""
     import cProfile
     import pstats
@@ -101,7 +96,7 @@ def _reload_shares(worker_self, path: str, repeat: int) -> dict:
     profile = cProfile.Profile()
     profile.enable()
     for _ in range(repeat):
-        worker_self.sdpo_reload_weights(path)
+        worker_self.sdpo_reload_weights(path, in_place)
     profile.disable()
     stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, primitive, tottime, cumtime, callers)}
     total = sum(row[2] for row in stats.values())
