@@ -12,7 +12,7 @@ This module must stay importable by the worker process, and it only touches torc
 On CPU an unquantized model without LoRA is loaded in place instead (`_sdpo_in_place_layers`): the
 weights are copied into the model's own parameters and each linear layer's GEMM handle is rebuilt.
 vLLM's layer-wise reload does the same work behind generic bookkeeping (meta-device layers, wrapped
-loaders, copies back into the old tensors) that took three quarters of a quickstart reload; the
+loaders, copies back into the old tensors) that took four fifths of a quickstart reload; the
 price is one unpacked copy of the linear weights kept beside the packed one.
 """
 
@@ -175,8 +175,8 @@ class WeightReloadExtension:
                 dispatch_cpu_unquantized_gemm(lm_head, remove_weight=False)
 
 
-# Above this many bytes of parameters, keeping the unpacked linear weights costs more memory than
-# vLLM's reload bookkeeping costs time (it is a few milliseconds per layer, whatever its size).
+# Above this many bytes of parameters the unpacked copy is memory a CPU engine may not have, while the
+# bookkeeping it saves (milliseconds per layer) is small beside the copying itself.
 _IN_PLACE_MAX_BYTES = 2**30
 
 
