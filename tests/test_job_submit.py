@@ -58,6 +58,9 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="sdpo-rj-", dir="/tmp")
     gcs, dashboard, client, agent, metrics = free_ports(5)
     env = ray_env()
+    # Ray's own processes, stopped with the head, can leave multiprocessing's /tmp/pymp-* folders
+    # behind: give them a temp dir that the fixture removes
+    env["TMPDIR"] = temp_dir
     log = open(f"{temp_dir}.log", "w")
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
