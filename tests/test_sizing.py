@@ -100,15 +100,19 @@ def test_one_rank_export_equals_the_full_state_dict(model_path):
         assert not dist.is_initialized()
 
 
-def _gather_on_ranks(rank: int, world_size: int, port: int, queue) -> None:
+def _gather_on_ranks(rank: int, world_size: int, port: int, directory, queue) -> None:
     """One rank of test_one_gather_is_the_per_tensor_gather: a tiny tied Qwen2 under FSDP2 on gloo."""
+    import os
+
     import torch.distributed as dist
+    from safetensors import safe_open
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from sdpo.learner.full_state import full_state
     from sdpo.learner.model import shard
+    from sdpo.learner.shard_file import ShardWriter
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
@@ -122,22 +126,33 @@ def _gather_on_ranks(rank: int, world_size: int, port: int, queue) -> None:
                 p.to_local().copy_(torch.randn_like(p.to_local()) + 10 * i)
         ours = full_state(model, rank, world_size)
         reference = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # the same weights written as a file by every rank at once (shard_file.py), fp32 and bf16
+        writer = ShardWriter.for_model(model, rank, world_size)
+        files = {dtype: writer.write(str(directory / str(dtype)), 3, dtype=dtype) for dtype in (torch.float32, torch.bfloat16)}
         if rank == 0:
-            queue.put((list(ours), list(reference),
-                       [name for name in reference if not torch.equal(ours[name], reference[name])]))
+            differ = [name for name in reference if not torch.equal(ours[name], reference[name])]
+            for dtype, path in files.items():
+                assert path.endswith("weights-v3.safetensors") and os.listdir(os.path.dirname(path)) == ["weights-v3.safetensors"]
+                with safe_open(path, framework="pt") as f:
+                    assert f.metadata() == {"format": "pt", "sdpo_version": "3"} and set(f.keys()) == set(reference)
+                    differ += [f"{name} in the {dtype} file" for name in reference
+                               if not torch.equal(f.get_tensor(name), reference[name].to(dtype))]
+            queue.put((list(ours), list(reference), differ))
         else:
-            queue.put(ours)
+            queue.put((ours, files))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.integration
-def test_one_gather_is_the_per_tensor_gather():
+def test_one_gather_is_the_per_tensor_gather(tmp_path):
     """sdpo/learner/full_state.py: the weight push's single gather gives torch's full state dict
-    exactly, on 2 ranks with uneven shards and tied embeddings; the other rank gets None."""
+    exactly, on 2 ranks with uneven shards and tied embeddings; the other rank gets None. And
+    shard_file.py: the file every rank writes its rows into holds the same tensors (fp32 and bf16),
+    under every name, with the version in its metadata, and nothing else is left in the folder."""
     from tests.conftest import run_on_ranks
 
-    results = run_on_ranks(_gather_on_ranks, 2, timeout_s=120)
-    (ours, reference, differ), = [r for r in results if r is not None]
-    assert results.count(None) == 1
+    results = run_on_ranks(_gather_on_ranks, 2, tmp_path, timeout_s=120)
+    (ours, reference, differ), = [r for r in results if r[0] is not None]
+    assert [r for r in results if r[0] is None] == [(None, dict.fromkeys((torch.float32, torch.bfloat16)))]
     assert ours == reference and "lm_head.weight" in ours and not differ

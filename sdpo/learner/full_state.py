@@ -44,7 +44,7 @@ def full_state(model: torch.nn.Module, rank: int, world_size: int) -> dict[str, 
         first_name.setdefault(id(tensor), name)
     names = list(first_name.values())
     tensors = [state[n] for n in names]
-    if not _one_gather_works(tensors, world_size):
+    if not one_gather_works(tensors, world_size):
         gathered = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return gathered if rank == 0 else None
     held = [[_elements_held(t, r, world_size) for t in tensors] for r in range(world_size)]
@@ -76,7 +76,7 @@ def full_state(model: torch.nn.Module, rank: int, world_size: int) -> dict[str, 
     return {name: whole[first_name[id(tensor)]] for name, tensor in state.items()}
 
 
-def _one_gather_works(tensors: list[torch.Tensor], world_size: int) -> bool:
+def one_gather_works(tensors: list[torch.Tensor], world_size: int) -> bool:
     """CPU tensors of one dtype on a gloo group (an NCCL group cannot move host tensors: a GPU run's
     offloaded teacher), every DTensor sharded on dim 0 over all ranks: decided from what every rank
     sees alike, so all ranks take the same path."""

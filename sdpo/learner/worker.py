@@ -31,6 +31,7 @@ from sdpo.learner.model import lm_head_weight, load_sharded, pick_attention, res
 from sdpo.learner.objective import MicroBatch, Scores, Totals, micro_batch_loss
 from sdpo.learner.packing import PACKED_SDPA
 from sdpo.learner.schedule import make_scheduler
+from sdpo.learner.shard_file import ShardWriter
 from sdpo.loss import gather_entropy_threshold, top_entropy_mask
 from sdpo.placement import rollout_torch_dtype
 from sdpo.weight_sync.adapters import adapter_payload, write_adapter_folder
@@ -80,6 +81,7 @@ class LearnerWorker:
         self.teacher_adapters = (TeacherAdapters(self.student) if lora and self.cfg.has_separate_teacher
                                  and self.cfg.teacher.kind != "checkpoint" else None)
         self.teacher = None if self.teacher_adapters else self._make_teacher(attention, mesh)
+        self._shard_writers: dict[int, ShardWriter | None] = {}  # by id(model): None where exports gather
         opt = self.cfg.optimizer
         trained = [p for p in self.student.parameters() if p.requires_grad]  # LoRA: the adapters only
         self.optimizer = torch.optim.AdamW(trained, lr=opt.lr, betas=opt.betas, weight_decay=opt.weight_decay)
@@ -303,12 +305,23 @@ class LearnerWorker:
             model.train(training)
 
     def export_weights(self, directory: str, version: int, teacher: bool = False) -> str | None:
-        """Full student (or teacher) weights as one file. Every rank joins the gather; rank 0 writes."""
+        """Full student (or teacher) weights as one file: every rank writes its own rows where they
+        share a machine (shard_file.py), else rank 0 writes what every rank's gather brought it."""
+        model = self.teacher if teacher and self.teacher is not None else self.student
+        writer = self._shard_writer(model) if self.lora is None and (not teacher or self.teacher is not None) else None
+        if writer is not None:
+            return writer.write(directory, version, dtype=rollout_torch_dtype(self.cfg))
         state = self._full_state(teacher)
         # in the engines' dtype: a bf16 engine needs half the bytes of the fp32 master weights
         path = write_weights(state, directory, version, dtype=rollout_torch_dtype(self.cfg)) if self.rank == 0 else None
         dist.barrier()
         return path
+
+    def _shard_writer(self, model: torch.nn.Module) -> ShardWriter | None:
+        """Decided once per model, by every rank together (the first export is a collective anyway)."""
+        if id(model) not in self._shard_writers:
+            self._shard_writers[id(model)] = ShardWriter.for_model(model, self.rank, self.world_size)
+        return self._shard_writers[id(model)]
 
     def _full_state(self, teacher: bool = False) -> dict[str, torch.Tensor] | None:
         """The student's (or teacher's) whole weights on rank 0; every rank joins the gathers. LoRA:

@@ -63,7 +63,7 @@ class WeightReloadExtension:
             finalize_layerwise_reload(self.model_runner.get_model(), self.vllm_config.model_config)
             self._sdpo_retie_lm_head()
         else:
-            self._sdpo_repack(layers, loaded)
+            self._sdpo_repack(loaded)
 
     # ---- (b) broadcast from learner rank 0 (NCCL on GPUs, gloo on CPU) -------------------------
     def sdpo_join_weight_group(self, backend: str, master_addr: str, master_port: int, rank_offset: int,
@@ -95,9 +95,9 @@ class WeightReloadExtension:
 
         with set_current_vllm_config(self.vllm_config):  # as the worker's reload_weights loads
             loaded = self.model_runner.get_model().load_weights(weights)
-        self._sdpo_repack(layers, set(loaded or ()))
+        self._sdpo_repack(set(loaded or ()))
 
-    def _sdpo_repack(self, layers: list, loaded: set) -> None:
+    def _sdpo_repack(self, loaded: set) -> None:
         """Rebuild the GEMM handles of an in-place load, once every layer's weight has arrived (a
         missing one would leave a packed layer computing with the memory of the one before)."""
         missing = sorted(self._sdpo_weight_names - loaded)
@@ -105,7 +105,7 @@ class WeightReloadExtension:
             raise RuntimeError(f"weight update without {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}: "
                                "an update must carry the whole model")
         self._sdpo_retie_lm_head(repack=False)  # a tied lm_head is one of `layers`: repacked next
-        _repack(layers)
+        _repack(self._sdpo_gemm_layers)
 
     def _sdpo_in_place_layers(self) -> list | None:
         """The layers whose CPU GEMM handle an in-place load rebuilds, or None where the model must go
@@ -143,6 +143,12 @@ class WeightReloadExtension:
                 layer.register_parameter("weight", restore_layer_refs(weight, layer))
                 self._sdpo_restored.append(layer)
         self._sdpo_layers = layers
+        # an embedding only looked up (the model multiplies by a separate lm_head) needs no GEMM handle
+        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+        looked_up = isinstance(getattr(model, "lm_head", None), ParallelLMHead)
+        self._sdpo_gemm_layers = [layer for layer in layers if not looked_up or isinstance(layer, ParallelLMHead)
+                                  or not isinstance(layer, VocabParallelEmbedding)]
         return layers
 
     def _sdpo_leave_in_place(self) -> None:

@@ -54,14 +54,27 @@ def write_weights(state_dict: dict[str, torch.Tensor], directory: str, version: 
     if dtype is not None:
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, f"weights-v{version}.safetensors")
+    path = weights_path(directory, version)
     # Readers must never see a half-written file: write under a temporary name, then rename.
     tmp = os.path.join(directory, f".weights-v{version}.safetensors.{os.getpid()}.tmp")
-    save_file(savable(state_dict), tmp, metadata={"format": "pt", "sdpo_version": str(version)})
+    save_file(savable(state_dict), tmp, metadata=file_metadata(version))
+    publish(tmp, path, version)
+    return path
+
+
+def weights_path(directory: str, version: int) -> str:
+    return os.path.join(directory, f"weights-v{version}.safetensors")
+
+
+def file_metadata(version: int) -> dict[str, str]:
+    return {"format": "pt", "sdpo_version": str(version)}
+
+
+def publish(tmp: str, path: str, version: int) -> None:
+    """Rename a finished file into place (readers see all of it or nothing) and delete older versions."""
     os.replace(tmp, path)
-    for old in glob.glob(os.path.join(directory, "weights-v*.safetensors")):
+    for old in glob.glob(os.path.join(os.path.dirname(path), "weights-v*.safetensors")):
         match = _PATTERN.search(os.path.basename(old))
         if match and int(match.group(1)) < version:
             # an engine still reading it keeps its open mapping: unlink does not pull the data away
             os.remove(old)
-    return path
