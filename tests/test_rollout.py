@@ -12,13 +12,13 @@ import time
 import pytest
 import ray
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from sdpo.rollout import make_engine, vllm_available
 from sdpo.rollout.base import Completion, Sampling
 from sdpo.rollout.worker import RolloutWorker
-from sdpo.weight_sync.files import write_weights
+from sdpo.weight_sync.files import read_weights, write_weights
 
 TOL = 1e-4  # max abs log-prob difference from the fp32 reference
 STOP = list(range(100, 128))  # 28 of 128 ids stop: most completions stop well before the limit
@@ -159,7 +159,8 @@ def test_weight_sync_changes_scores_to_new_model(engine, engine_model_dir, origi
 @pytest.mark.parametrize("engine", KINDS[:1], indirect=True)  # vLLM's two load paths
 def test_in_place_load_equals_vllms_reload(engine, engine_model_dir, original_weights, tmp_path):
     """vLLM-CPU loads a pushed model in place (sdpo/rollout/vllm_ext.py): the scores after it are
-    vLLM's own layer-wise reload's, bit for bit, and an update that lacks a layer is refused."""
+    vLLM's own layer-wise reload's, bit for bit, whether the model's loader ran or its recorded
+    copies were replayed (copy_plan.py), and an update that lacks a layer is refused."""
     prompt = PROMPTS[2]
     response = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(5)).tolist()
     state = perturbed_model(engine_model_dir).state_dict()
@@ -175,6 +176,9 @@ def test_in_place_load_equals_vllms_reload(engine, engine_model_dir, original_we
     layerwise = scores_after(new, False)
     assert scores_after(original_weights, False) == original
     assert scores_after(new, None) == layerwise != original
+    # the first in-place load since the layer-wise ones recorded its copies; this one replays them
+    assert engine.llm.collective_rpc(lambda worker: type(worker._sdpo_plan).__name__) == ["CopyPlan"]
+    assert scores_after(original_weights, None) == original
 
     partial = write_weights({k: v for k, v in state.items() if "layers.1.mlp.down_proj" not in k}, str(tmp_path / "partial"), 2)
     with pytest.raises(Exception, match=r"without model\.layers\.1\.mlp\.down_proj\.weight"):
@@ -216,6 +220,13 @@ def test_write_weights_handles_shared_tensors_and_keeps_latest(tmp_path):
     loaded = load_file(second)
     for name, tensor in state.items():
         assert torch.equal(loaded[name], tensor)
+    # the engines' reader (views of one memory map) gives what safetensors gives, and a file it cannot
+    # map as it is (a dtype it does not know) is read by safetensors
+    assert {n: t.tolist() for n, t in read_weights(second)} == {n: t.tolist() for n, t in loaded.items()}
+    odd = {"scale": torch.ones(3).to(torch.float8_e4m3fn), "w": torch.arange(6.0).view(2, 3)}
+    save_file(odd, tmp_path / "odd.safetensors")
+    back = dict(read_weights(str(tmp_path / "odd.safetensors")))
+    assert back["w"].tolist() == odd["w"].tolist() and back["scale"].float().tolist() == [1.0, 1.0, 1.0]
 
 
 @pytest.mark.integration

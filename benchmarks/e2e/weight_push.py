@@ -1,8 +1,9 @@
 """What a CPU weight push costs, piece by piece, in one process (no Ray): the learner's full-state
-gather, the safetensors write to /dev/shm, the file read, and vLLM-CPU's reload of the weights
-(with its GEMM repacking) both ways: in place (our default on CPU) and through vLLM's layer-wise
-reload; and what share of each goes to rebuilding vLLM-CPU's oneDNN GEMM handles and to tensor
-copies (from a cProfile of the same load, applied to the unprofiled median).
+gather, the safetensors write to /dev/shm, the file read (safetensors' and the engines' own), and
+vLLM-CPU's reload of the weights (with its GEMM repacking) both ways: in place (our default on CPU:
+after the first load, the recorded copies of copy_plan.py) and through vLLM's layer-wise reload; and
+what share of each goes to rebuilding vLLM-CPU's oneDNN GEMM handles and to tensor copies (from a
+cProfile of the same load, applied to the unprofiled median).
 
     python benchmarks/e2e/weight_push.py [MODEL_DIR] --repeat 10
 """
@@ -43,7 +44,7 @@ def main() -> None:
     from sdpo.learner.worker import LearnerWorker
     from sdpo.models import resolve_model_path
     from sdpo.recipe import load_config
-    from sdpo.weight_sync.files import write_weights
+    from sdpo.weight_sync.files import read_weights, write_weights
 
     model = resolve_model_path(a.model or "tiny-arithmetic")
     cfg = load_config(None, ["learner.world_size=1", "learner.torch_threads_per_rank=2", "prompts_per_step=1",
@@ -59,13 +60,15 @@ def main() -> None:
     rows["gather full state (1 rank)"], state = timed(lambda: get_model_state_dict(worker.student, options=options), a.repeat)
     version = iter(range(1, 10**6))
     rows["safetensors write to shm"], path = timed(lambda: write_weights(state, directory, next(version)), a.repeat)
-    rows["export_weights (gather+write+barrier)"], path = timed(lambda: worker.export_weights(directory, next(version)), a.repeat)
+    rows["export_weights (1 rank writes its rows: the whole file)"], path = timed(
+        lambda: worker.export_weights(directory, next(version)), a.repeat)
 
     def read():
         with safe_open(path, framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}
 
-    rows["safetensors read"], _ = timed(read, a.repeat)
+    rows["safetensors read (get_tensor copies each)"], _ = timed(read, a.repeat)
+    rows["read_weights (views of one memory map, the engines' reader)"], _ = timed(lambda: list(read_weights(path)), a.repeat)
     worker.shutdown()  # vLLM in-process sets up its own process group of size 1
 
     from sdpo.rollout.vllm_engine import VLLMEngine

@@ -19,7 +19,6 @@ price is one unpacked copy of the linear weights kept beside the packed one.
 from __future__ import annotations
 
 import torch
-from safetensors import safe_open
 
 
 class WeightReloadExtension:
@@ -31,13 +30,9 @@ class WeightReloadExtension:
         for its GEMM kernels, and the worker's `reload_weights` redoes that post-processing.
         ``in_place``: None loads in place where it can (see the module docstring), False through
         vLLM's layer-wise reload (from then on, until a call with None)."""
+        from sdpo.weight_sync.files import read_weights
 
-        def tensors():
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-
-        self._sdpo_load(tensors(), in_place)
+        self._sdpo_load(read_weights(path), in_place)
 
     # ---- (c) bucket handles (CUDA IPC when colocated; shared-memory files on CPU) -------------
     def sdpo_begin_update(self) -> None:
@@ -91,11 +86,27 @@ class WeightReloadExtension:
             self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
             self._sdpo_retie_lm_head()
             return
+        self._sdpo_repack(self._sdpo_copy(weights))
+
+    def _sdpo_copy(self, weights) -> set:
+        """The in-place copies: through the model's `load_weights` the first time, recorded, and then
+        replayed as plain copies where the recording proved it can be (copy_plan.py)."""
         from vllm.config import set_current_vllm_config
 
-        with set_current_vllm_config(self.vllm_config):  # as the worker's reload_weights loads
-            loaded = self.model_runner.get_model().load_weights(weights)
-        self._sdpo_repack(set(loaded or ()))
+        from sdpo.rollout.copy_plan import CopyPlan
+
+        model = self.model_runner.get_model()
+
+        def load(pairs):
+            with set_current_vllm_config(self.vllm_config):  # as the worker's reload_weights loads
+                return model.load_weights(pairs)
+
+        plan = getattr(self, "_sdpo_plan", None)
+        if plan is not None and (plan is False or plan.still_valid()):
+            return set(load(weights) or ()) if plan is False else plan.apply(weights, load)
+        loaded, plan = CopyPlan.record(model, load, weights)
+        self._sdpo_plan = plan or False  # False: this model's loader does more than copies: keep it
+        return loaded
 
     def _sdpo_repack(self, loaded: set) -> None:
         """Rebuild the GEMM handles of an in-place load, once every layer's weight has arrived (a
@@ -157,6 +168,7 @@ class WeightReloadExtension:
             weight = layer.weight
             layer.weight = torch.nn.Parameter(torch.empty(0, dtype=weight.dtype, device=weight.device), requires_grad=False)
         self._sdpo_restored = []
+        self._sdpo_plan = None  # its views are of the weights just dropped
         if hasattr(self, "_sdpo_layers"):
             del self._sdpo_layers
 
