@@ -8,10 +8,9 @@ copied into, and from then on copies straight there.
 
 A recording is only kept when it provably replays the load: every copy went from a whole incoming
 tensor into a view of a parameter, nothing but constant fills (padding rows) wrote to a parameter
-otherwise, and replaying it over
-parameters filled with NaN gives back exactly what `load_weights` gave them. Anything else (a loader
-that transposes, splits a tensor, or writes some other way) keeps `load_weights` for every load.
-This module only touches torch.
+otherwise, and replaying it over parameters filled with NaN gives back exactly what `load_weights`
+gave them. Anything else (a loader that transposes, splits a tensor, or writes some other way) keeps
+`load_weights` for every load. This module only touches torch.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ a bucket handle, or nothing (broadcast: the bytes come over the weight group).
 This module must stay importable by the worker process, and it only touches torch and vLLM.
 
 On CPU an unquantized model without LoRA is loaded in place instead (`_sdpo_in_place_layers`): the
-weights are copied into the model's own parameters and each linear layer's GEMM handle is rebuilt.
+weights are copied into the model's own parameters (after the first load, along the copies that load
+was recorded making: copy_plan.py) and each linear layer's GEMM handle is rebuilt.
 vLLM's layer-wise reload does the same work behind generic bookkeeping (meta-device layers, wrapped
 loaders, copies back into the old tensors) that took four fifths of a quickstart reload; the
 price is one unpacked copy of the linear weights kept beside the packed one.
