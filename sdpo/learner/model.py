@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from sdpo.learner.lora import add_adapters, hf_name, init_adapters, is_adapter
 from sdpo.learner.packing import PACKED_SDPA, pack
+from sdpo.weight_sync.files import SAFETENSORS_DTYPES, read_header
 
 
 def pick_attention(requested: str, device: str, packed: bool = False, mixed_precision: str = "no") -> str:
@@ -84,9 +85,7 @@ def _fill_from_safetensors(model: torch.nn.Module, path: str) -> None:
     missing = set(wanted) - tied
     for file in _safetensors_files(path):
         with open(file, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(header_len))
-            header.pop("__metadata__", None)
+            data_start, header = read_header(f)
             for name, entry in header.items():
                 if name not in wanted:
                     raise ValueError(f"{file}: tensor {name!r} is not in {type(model).__name__}")
@@ -99,21 +98,17 @@ def _fill_from_safetensors(model: torch.nn.Module, path: str) -> None:
                 else:
                     local, first_row = target, 0
                 if local.numel():
-                    _read_rows(f, 8 + header_len, entry, first_row, local)
+                    _read_rows(f, data_start, entry, first_row, local)
                 missing.discard(name)
     if missing:
         raise ValueError(f"{path}: the checkpoint has no {sorted(missing)[:3]} ({len(missing)} tensors missing)")
     # a tied head (lm_head = embed_tokens) is one parameter: filled through its first name
 
 
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
-              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def _read_rows(f, data_start: int, entry: dict, first_row: int, out: torch.Tensor) -> None:
     """Rows [first_row, first_row + len(out)) of a row-major tensor in a safetensors file (format:
     8-byte header length, JSON header with dtype, shape and data_offsets, then the raw bytes)."""
-    dtype, shape = _ST_DTYPES[entry["dtype"]], entry["shape"]
+    dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
     if list(out.shape) != list(shape) and (not shape or list(out.shape[1:]) != list(shape[1:])
                                            or first_row + out.shape[0] > shape[0]):
         raise ValueError(f"checkpoint tensor of shape {shape} does not fit a shard of shape {tuple(out.shape)}")

@@ -17,29 +17,25 @@ than the writes.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import socket
-import struct
 
 import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from sdpo.learner.full_state import one_gather_works
-from sdpo.weight_sync.files import file_metadata, publish, weights_path
-
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+from sdpo.weight_sync.files import DTYPE_NAMES, encode_header, publish, weights_path
 
 
 class ShardWriter:
     """Writes one FSDP2 model's pushes; `for_model` says whether it can."""
 
-    def __init__(self, model: torch.nn.Module, rank: int, world_size: int):
-        self.rank, self.world_size = rank, world_size
-        # the parameters themselves, under every state-dict name (a tied one twice)
-        self.tensors = list(model.state_dict(keep_vars=True).items())
+    def __init__(self, tensors: list[tuple[str, torch.Tensor]], rank: int):
+        self.tensors, self.rank = tensors, rank  # the parameters themselves, under every state-dict name
+        # where this rank's rows start in each tensor (None: another rank writes it), fixed for the model's life
+        self.first_rows = [_first_row(t) if isinstance(t, DTensor) else 0 if rank == 0 else None for _, t in tensors]
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, rank: int, world_size: int) -> ShardWriter | None:
@@ -52,9 +48,10 @@ class ShardWriter:
             machine = (socket.gethostname(), "")
         everyone: list = [None] * world_size
         dist.all_gather_object(everyone, machine)
-        tensors = list(model.state_dict().values())
-        if len(set(everyone)) == 1 and one_gather_works(tensors, world_size) and all(t.dtype in _SAFETENSORS_DTYPES for t in tensors):
-            return cls(model, rank, world_size)
+        tensors = list(model.state_dict(keep_vars=True).items())  # a tied parameter under each of its names
+        if len(set(everyone)) == 1 and one_gather_works([t for _, t in tensors], world_size) \
+                and all(t.is_floating_point() and t.dtype in DTYPE_NAMES for _, t in tensors):
+            return cls(tensors, rank)
         return None
 
     def write(self, directory: str, version: int, dtype: torch.dtype | None = None) -> str | None:
@@ -72,16 +69,11 @@ class ShardWriter:
             os.ftruncate(fd, total)
             if self.rank == 0:
                 os.pwrite(fd, header, 0)
-            for (name, tensor), (start, row_bytes) in zip(self.tensors, offsets):
-                first_row, rows = _rows_held(tensor, self.rank, self.world_size)
-                if not rows:
-                    continue
+            for (_, tensor), first_row, (start, row_bytes) in zip(self.tensors, self.first_rows, offsets):
                 local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-                data = local.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8)
-                if data.numel() != rows * row_bytes:
-                    raise RuntimeError(f"the FSDP2 shard of {name} {tuple(tensor.shape)} on rank {self.rank} holds "
-                                       f"{data.numel()} bytes, not the {rows} rows that torch.chunk on dim 0 gives")
-                os.pwrite(fd, data.numpy(), start + first_row * row_bytes)
+                if first_row is not None and local.numel():
+                    data = local.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8)
+                    os.pwrite(fd, data.numpy(), start + first_row * row_bytes)
         finally:
             os.close(fd)
         dist.barrier()  # every rank's rows are in the file
@@ -93,27 +85,19 @@ class ShardWriter:
 
 
 def _layout(tensors: list[tuple[str, torch.Tensor]], dtype: torch.dtype, version: int) -> tuple[bytes, int, list]:
-    """The safetensors header (8-byte length, JSON padded to 8 bytes), the file's size, and for each
-    tensor the offset of its first byte in the file and the bytes in one of its dim-0 rows."""
+    """The safetensors header, the file's size, and for each tensor the offset of its first byte in
+    the file and the bytes in one of its dim-0 rows."""
     element = torch.empty(0, dtype=dtype).element_size()
-    entries: dict[str, dict] = {"__metadata__": file_metadata(version)}
-    spans, at = [], 0
+    entries, spans, at = {}, [], 0
     for name, tensor in tensors:
         size = tensor.numel() * element
-        entries[name] = {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(tensor.shape), "data_offsets": [at, at + size]}
+        entries[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(tensor.shape), "data_offsets": [at, at + size]}
         spans.append((at, size // tensor.shape[0] if tensor.dim() and tensor.shape[0] else size))
         at += size
-    text = json.dumps(entries, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % 8)
-    header = struct.pack("<Q", len(text)) + text
+    header = encode_header(entries, version)
     return header, len(header) + at, [(len(header) + start, row) for start, row in spans]
 
 
-def _rows_held(tensor: torch.Tensor, rank: int, world_size: int) -> tuple[int, int]:
-    """(first row, rows) this rank writes: its dim-0 chunk of a DTensor, as torch.chunk splits it;
-    all of a plain (replicated) tensor from rank 0 only."""
-    rows = tensor.shape[0] if tensor.dim() else 1
-    if not isinstance(tensor, DTensor):
-        return 0, rows if rank == 0 else 0
-    chunk = math.ceil(rows / world_size)
-    return rank * chunk, max(0, min(chunk, rows - rank * chunk))
+def _first_row(tensor: DTensor) -> int:
+    """The first of this rank's rows of a dim-0-sharded tensor, where FSDP2 placed them."""
+    return compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)[1][0]

@@ -307,8 +307,8 @@ class LearnerWorker:
     def export_weights(self, directory: str, version: int, teacher: bool = False) -> str | None:
         """Full student (or teacher) weights as one file: every rank writes its own rows where they
         share a machine (shard_file.py), else rank 0 writes what every rank's gather brought it."""
-        model = self.teacher if teacher and self.teacher is not None else self.student
-        writer = self._shard_writer(model) if self.lora is None and (not teacher or self.teacher is not None) else None
+        model = self.teacher if teacher else self.student  # no teacher model: _full_state says why
+        writer = self._shard_writer(model) if self.lora is None and model is not None else None
         if writer is not None:
             return writer.write(directory, version, dtype=rollout_torch_dtype(self.cfg))
         state = self._full_state(teacher)

@@ -130,7 +130,11 @@ class WeightReloadExtension:
         if self.device.type != "cpu" or config.model_config.quantization is not None or config.lora_config is not None:
             return None
         from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-        from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+        from vllm.model_executor.layers.vocab_parallel_embedding import (
+            ParallelLMHead,
+            UnquantizedEmbeddingMethod,
+            VocabParallelEmbedding,
+        )
         from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO, _get_original_loader
         from vllm.model_executor.model_loader.reload.meta import materialize_meta_tensor
         from vllm.model_executor.model_loader.reload.sanitize import restore_layer_refs
@@ -156,8 +160,6 @@ class WeightReloadExtension:
                 self._sdpo_restored.append(layer)
         self._sdpo_layers = layers
         # an embedding only looked up (the model multiplies by a separate lm_head) needs no GEMM handle
-        from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
-
         looked_up = isinstance(getattr(model, "lm_head", None), ParallelLMHead)
         self._sdpo_gemm_layers = [layer for layer in layers if not looked_up or isinstance(layer, ParallelLMHead)
                                   or not isinstance(layer, VocabParallelEmbedding)]

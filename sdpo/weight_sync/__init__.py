@@ -3,7 +3,7 @@ transports (chosen by `rollout.weight_sync`, see `resolve_weight_sync`).
 
 | transport | placement | bytes move | module |
 | --- | --- | --- | --- |
-| `shm` | one node (CPU or GPU) | learner rank 0 writes one safetensors file to /dev/shm; every replica reloads it | `files.py` |
+| `shm` | one node (CPU or GPU) | the learner ranks write one safetensors file to /dev/shm; every replica reloads it | `files.py` |
 | `nccl` | disaggregated GPUs; CPU clusters (gloo) | learner rank 0 broadcasts buckets to every engine worker | `broadcast.py` |
 | `cuda_ipc` | colocated GPUs | each rank packs buckets on its GPU; the engine there maps them by IPC handle | `handles.py` |
 

@@ -84,8 +84,28 @@ def publish(tmp: str, path: str, version: int) -> None:
             os.remove(old)
 
 
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
-           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+# safetensors' dtype names (the header's "dtype" field)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def read_header(f) -> tuple[int, dict]:
+    """(where the data starts, the header's entries without its metadata) of an open safetensors
+    file: an 8-byte little-endian length, then that many bytes of JSON."""
+    (length,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return 8 + length, header
+
+
+def encode_header(entries: dict, version: int) -> bytes:
+    """A safetensors header for ``entries`` (name -> dtype, shape, data_offsets) with this module's
+    metadata, padded so the data starts 8-byte aligned, as safetensors writes it."""
+    text = json.dumps({"__metadata__": file_metadata(version), **entries}, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)
+    return struct.pack("<Q", len(text)) + text
 
 
 def read_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -94,12 +114,10 @@ def read_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     a tenth of an engine's in-place load of the quickstart model). Files this cannot map as they
     are (another dtype, a misaligned tensor) are read by safetensors."""
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
+        start, header = read_header(f)
     entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-    start = 8 + length
-    if any(e["dtype"] not in _DTYPES or (start + e["data_offsets"][0]) % _DTYPES[e["dtype"]].itemsize for _, e in entries):
+    if any(e["dtype"] not in SAFETENSORS_DTYPES or (start + e["data_offsets"][0]) % SAFETENSORS_DTYPES[e["dtype"]].itemsize
+           for _, e in entries):
         with safe_open(path, framework="pt", device="cpu") as f:
             for name, _ in entries:
                 yield name, f.get_tensor(name)
@@ -107,4 +125,4 @@ def read_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     data = torch.from_file(path, shared=False, size=os.path.getsize(path), dtype=torch.uint8)  # MAP_PRIVATE: never written back
     for name, e in entries:
         first, end = e["data_offsets"]
-        yield name, data[start + first : start + end].view(_DTYPES[e["dtype"]]).view(e["shape"])
+        yield name, data[start + first : start + end].view(SAFETENSORS_DTYPES[e["dtype"]]).view(e["shape"])
